@@ -1,0 +1,38 @@
+"""`pyjamba VERB ...` and `python -m pyjamba VERB ...`: maps each verb to the main() of its module."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# verb -> (module, one-line help); each module has main(argv: list[str]) -> int.
+VERBS: dict[str, tuple[str, str]] = {
+    "info": ("pyjamba.info", "parameters, attention-cache and Mamba-state memory of a preset or model folder"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: pyjamba VERB [ARGS...]", "", "verbs:"]
+    lines += [f"  {verb:<10} {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += ["", "`pyjamba VERB --help` for a verb's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a verb's main()."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"pyjamba: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(VERBS[verb][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
