@@ -1,0 +1,446 @@
+"""The Jamba architecture, top to bottom: RMSNorm, Attention, MambaMixer, MLP, SparseMoE, Layer, Jamba.
+
+Module attribute names are the checkpoint's tensor names (`model.layers.3.mamba.in_proj.weight`),
+except the experts of a MoE layer, stored stacked (E, out, in) and mapped in checkpoint.py.
+
+Glossary of dimension letters:
+    B  batch             L  new tokens in this call    S  tokens attended to (past + new)
+    D  hidden size       H  attention heads            Hkv key/value heads    Dh head dim
+    E  experts           K  experts per token          I  feed-forward width
+    ED Mamba inner       N  SSM state size             W  conv width          R  dt rank
+    V  vocabulary
+
+What it computes is what transformers' JambaForCausalLM computes (tests hold the two together), with
+one deliberate difference: with `mamba_proj_bias`, padding positions are zeroed after `in_proj` as
+well as before it, so that a left-padded sequence gets exactly the logits it gets alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import HybridCache
+from .config import JambaConfig
+from .kernels import Kernels, resolve_kernels
+
+__all__ = ["CausalLMOutput", "Jamba", "JambaForCausalLM", "load_balancing_loss"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back before the weight (as transformers)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with no positional encoding and no biases."""
+
+    def __init__(self, config: JambaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HybridCache | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
+        # No mask means plain causal attention over the whole of (new) keys.
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and length > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, L, Dh)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MambaMixer(nn.Module):
+    """The Mamba-1 selective SSM block with Jamba's inner RMSNorms on dt, B and C.
+
+    in_proj -> (x, z); x -> causal depthwise conv -> SiLU -> x_proj -> (dt, B, C), each RMS-normed;
+    dt -> dt_proj (its bias and softplus inside the scan); A = -exp(A_log) in float32;
+    y = scan(x, dt, A, B, C) + D x, gated by SiLU(z); out_proj.
+    """
+
+    def __init__(self, config: JambaConfig, layer_idx: int, kernels: Kernels) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.kernels = kernels
+        d, inner, n, r = config.hidden_size, config.mamba_inner, config.mamba_d_state, config.dt_rank
+        self.inner, self.n_state, self.dt_rank = inner, n, r
+        self.conv_width = config.mamba_d_conv
+        self.in_proj = nn.Linear(d, 2 * inner, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            inner, inner, config.mamba_d_conv, groups=inner, bias=config.mamba_conv_bias, padding=0
+        )
+        self.x_proj = nn.Linear(inner, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(inner, n))
+        self.D = nn.Parameter(torch.empty(inner))
+        self.out_proj = nn.Linear(inner, d, bias=config.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(r, config.rms_norm_eps)
+        self.b_layernorm = RMSNorm(n, config.rms_norm_eps)
+        self.c_layernorm = RMSNorm(n, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        dtype = x.dtype
+        if pad_mask is not None:
+            x = x * pad_mask
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, ED) each
+        if pad_mask is not None:
+            xs = xs * pad_mask
+
+        # Causal depthwise conv over [past W-1 inputs, new inputs]; zeros stand for "no past".
+        xs = xs.transpose(1, 2)  # (B, ED, L)
+        if cache is not None:
+            past = cache.conv_states[self.layer_idx]
+        else:
+            past = xs.new_zeros(batch, self.inner, self.conv_width - 1)
+        window = torch.cat([past.to(xs.dtype), xs], dim=-1)  # (B, ED, W-1+L)
+        if cache is not None:
+            past.copy_(window[:, :, window.shape[-1] - (self.conv_width - 1) :])
+        xs = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.inner))
+        xs = xs.transpose(1, 2)  # (B, L, ED)
+        if pad_mask is not None:
+            xs = xs * pad_mask
+
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.n_state, self.n_state], dim=-1)
+        dt = self.dt_layernorm(dt)
+        B = self.b_layernorm(B)  # (B, L, N)
+        C = self.c_layernorm(C)  # (B, L, N)
+        delta = F.linear(dt, self.dt_proj.weight)  # (B, L, ED); its bias is added in float32 by the scan
+        A = -torch.exp(self.A_log.float())  # (ED, N)
+        D, dt_bias = self.D.float(), self.dt_proj.bias.float()
+
+        if cache is not None and length == 1 and cache.length > 0:
+            y = self.kernels.selective_state_update(
+                cache.ssm_states[self.layer_idx], xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0],
+                D=D, z=z[:, 0], delta_bias=dt_bias, delta_softplus=True,
+            )[:, None]  # fmt: skip
+        else:
+            initial = cache.ssm_states[self.layer_idx] if cache is not None else None
+            y, last = self.kernels.selective_scan(
+                xs, delta, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True, initial_state=initial
+            )
+            if cache is not None:
+                cache.ssm_states[self.layer_idx].copy_(last)
+        return self.out_proj(y.to(dtype))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=False)
+        self.up_proj = nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts, their weights stacked: gate/up (E, I, D), down (E, D, I)."""
+
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        e, d, i = config.num_experts, config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(e, i, d))
+        self.up_proj = nn.Parameter(torch.empty(e, i, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x (T, D); weights and index (T, K): the sum over each token's K experts, weighted."""
+        n_tokens, top_k = index.shape
+        flat = index.reshape(-1)  # (T*K,)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        token_of = order // top_k  # the token each sorted assignment belongs to
+        weight_of = weights.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            h = x[rows]  # (count, D)
+            h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)  # (count, I)
+            h = (h @ self.down_proj[e].T) * weight_of[start : start + count, None]  # (count, D)
+            out.index_add_(0, rows, h.to(out.dtype))
+            start += count
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Top-K Mixture of Experts: float32 softmax router, top-K without renormalisation."""
+
+    def __init__(self, config: JambaConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the output (B, L, D) and the router logits (B*L, E)."""
+        batch, length, d = x.shape
+        flat = x.reshape(-1, d)  # (T, D)
+        logits = self.router(flat)  # (T, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)  # (T, K)
+        out = self.experts(flat, weights.to(x.dtype), index)
+        return out.view(batch, length, d), logits
+
+
+class Layer(nn.Module):
+    """Pre-norm residual block: a mixer (attention or Mamba), then a feed-forward (MLP or MoE)."""
+
+    def __init__(self, config: JambaConfig, layer_idx: int, kernels: Kernels) -> None:
+        super().__init__()
+        self.kind = config.layer_types[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.kind == "attention":
+            self.self_attn = Attention(config, layer_idx)
+        else:
+            self.mamba = MambaMixer(config, layer_idx, kernels)
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.feed_forward = SparseMoE(config) if self.is_moe else MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        pad_mask: torch.Tensor | None,
+        cache: HybridCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.input_layernorm(x)
+        if self.kind == "attention":
+            h = self.self_attn(h, attn_mask, cache)
+        else:
+            h = self.mamba(h, pad_mask, cache)
+        x = x + h
+        h = self.pre_ff_layernorm(x)
+        router_logits = None
+        if self.is_moe:
+            h, router_logits = self.feed_forward(h)
+        else:
+            h = self.feed_forward(h)
+        return x + h, router_logits
+
+
+class Jamba(nn.Module):
+    """The decoder stack: embeddings, layers, final norm."""
+
+    def __init__(self, config: JambaConfig, kernels: Kernels) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, i, kernels) for i in range(config.num_hidden_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    """What a forward call returns, as in transformers: `.logits` is (B, L, V) (or fewer positions)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    cache: HybridCache | None = None
+
+
+def _masks(
+    attention_mask: torch.Tensor | None, length: int, past: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The attention mask (B, 1, L, S) bool and the Mamba padding mask (B, L, 1) for L new tokens.
+
+    None where plain causal attention is right: no padding, and either no past or a single token.
+    """
+    if attention_mask is None:
+        if past == 0 or length == 1:
+            return None, None
+        causal = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(past)
+        return causal[None, None], None
+    total = past + length
+    if attention_mask.dim() != 2 or attention_mask.shape[1] != total:
+        raise ValueError(
+            f"attention_mask must be (batch, past + new tokens) = (B, {total}), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
+    causal = torch.ones(length, total, dtype=torch.bool, device=device).tril(past)  # (L, S)
+    mask = causal[None] & keep[:, None, :]  # (B, L, S)
+    # A padding query would attend to nothing (NaN rows); let it see itself, its output is unused.
+    diagonal = torch.zeros(length, total, dtype=torch.bool, device=device)
+    diagonal[:, past:] = torch.eye(length, dtype=torch.bool, device=device)
+    mask = mask | diagonal[None]
+    pad_mask = keep[:, past:, None]  # (B, L, 1)
+    return mask[:, None], pad_mask
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss (eq. 4-6), summed over MoE layers as transformers does.
+
+    E * sum_e (fraction of top-K assignments to e) * (mean router probability of e), where both means
+    run over all MoE layers' tokens (padding excluded when a mask is given).
+    """
+    logits = torch.cat([r.float() for r in router_logits], dim=0)  # (layers*T, E)
+    probs = torch.softmax(logits, dim=-1)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    assigned = F.one_hot(selected, num_experts).sum(1).float()  # (layers*T, E)
+    if attention_mask is None:
+        weight = torch.ones(logits.shape[0], device=logits.device)
+    else:
+        weight = attention_mask.reshape(-1).float().to(logits.device).repeat(len(router_logits))
+    total = weight.sum()
+    tokens_per_expert = (assigned * weight[:, None]).sum(0) / total
+    prob_per_expert = (probs * weight[:, None]).sum(0) / total
+    return num_experts * torch.sum(tokens_per_expert * prob_per_expert)
+
+
+class JambaForCausalLM(nn.Module):
+    """A Jamba language model: the decoder stack and its language-model head (tied or not).
+
+    `kernels` picks the selective scan ("auto", "torch" or "reference"), once, at construction.
+    """
+
+    def __init__(self, config: JambaConfig, kernels: str | Kernels = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.kernels = resolve_kernels(kernels)
+        self.model = Jamba(config, self.kernels)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_kernels(self, kernels: str | Kernels) -> None:
+        """Switch every Mamba mixer to other kernels (e.g. the reference, for testing)."""
+        self.kernels = resolve_kernels(kernels)
+        for layer in self.model.layers:
+            if layer.kind == "mamba":
+                layer.mamba.kernels = self.kernels
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random weights as transformers initialises them, with Mamba's dt and A initialisation."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Conv1d):
+                bound = 1.0 / math.sqrt(module.weight.shape[-1])
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, Experts):
+                for p in (module.gate_proj, module.up_proj, module.down_proj):
+                    p.normal_(0.0, std, generator=generator)
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                n = module.n_state
+                a = torch.arange(1, n + 1, dtype=torch.float32).expand(module.inner, n)
+                module.A_log.copy_(torch.log(a))
+                module.D.fill_(1.0)
+                # dt initialised log-uniform in [1e-3, 1e-1], stored as its inverse softplus (Mamba's init).
+                bound = module.dt_rank**-0.5
+                module.dt_proj.weight.uniform_(-bound, bound, generator=generator)
+                dt = torch.exp(
+                    torch.rand(module.inner, generator=generator) * (math.log(0.1) - math.log(1e-3))
+                    + math.log(1e-3)
+                ).clamp(min=1e-4)
+                module.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def make_cache(self, batch_size: int, max_length: int = 256) -> HybridCache:
+        """An empty inference cache in the model's dtype and device."""
+        param = self.lm_head.weight
+        return HybridCache(self.config, batch_size, max_length, dtype=param.dtype, device=param.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool = False,
+    ) -> CausalLMOutput:
+        """Logits for `input_ids` (B, L); with a cache, continue the sequences it holds.
+
+        attention_mask: (B, past + L), 1 for tokens, 0 for (left) padding.
+        labels: (B, L) token ids, -100 to ignore; the loss is next-token cross-entropy, plus
+            router_aux_loss_coef times the load-balancing loss when `output_router_logits`.
+        logits_to_keep: an int n keeps the last n positions (0: all); a tensor keeps those indices.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and cache.batch_size != batch:
+            raise ValueError(f"the cache holds {cache.batch_size} sequences, input_ids has {batch}")
+        attn_mask, pad_mask = _masks(attention_mask, length, past, input_ids.device)
+
+        x = self.model.embed_tokens(input_ids)  # (B, L, D)
+        if pad_mask is not None:
+            pad_mask = pad_mask.to(x.dtype)
+        all_router_logits = []
+        for layer in self.model.layers:
+            x, router_logits = layer(x, attn_mask, pad_mask, cache)
+            if router_logits is not None:
+                all_router_logits.append(router_logits)
+        if cache is not None:
+            cache.advance(length)
+        x = self.model.final_layernorm(x)
+
+        if isinstance(logits_to_keep, int):
+            x = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
+        else:
+            x = x[:, logits_to_keep]
+        logits = self.lm_head(x)  # (B, L', V)
+
+        loss = aux_loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+        router = tuple(all_router_logits) if output_router_logits and all_router_logits else None
+        if router is not None:
+            key_mask = attention_mask[:, past:] if attention_mask is not None else None
+            aux_loss = load_balancing_loss(
+                router, self.config.num_experts, self.config.num_experts_per_tok, key_mask
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, router_logits=router, cache=cache)
