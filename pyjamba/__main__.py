@@ -8,7 +8,10 @@ import sys
 
 # verb -> (module, one-line help); each module has main(argv: list[str]) -> int.
 VERBS: dict[str, tuple[str, str]] = {
-    "info": ("pyjamba.info", "parameters, attention-cache and Mamba-state memory of a preset or model folder"),
+    "info": (
+        "pyjamba.info",
+        "parameters, attention-cache and Mamba-state memory of a preset or model folder",
+    ),
 }
 
 

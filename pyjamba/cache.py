@@ -53,7 +53,9 @@ class HybridCache:
                 self.values[i] = torch.zeros(kv_shape, dtype=dtype, device=self.device)
             else:
                 inner, width = config.mamba_inner, config.mamba_d_conv
-                self.conv_states[i] = torch.zeros(batch_size, inner, width - 1, dtype=dtype, device=self.device)
+                self.conv_states[i] = torch.zeros(
+                    batch_size, inner, width - 1, dtype=dtype, device=self.device
+                )
                 self.ssm_states[i] = torch.zeros(
                     batch_size, inner, config.mamba_d_state, dtype=torch.float32, device=self.device
                 )

@@ -175,7 +175,9 @@ class JambaConfig:
             or not isinstance(self.mamba_dt_rank, int)
             or self.mamba_dt_rank <= 0
         ):
-            raise ConfigError(f"mamba_dt_rank must be 'auto' or a positive integer, got {self.mamba_dt_rank!r}")
+            raise ConfigError(
+                f"mamba_dt_rank must be 'auto' or a positive integer, got {self.mamba_dt_rank!r}"
+            )
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act must be 'silu' (Jamba's only activation), got {self.hidden_act!r}")
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):

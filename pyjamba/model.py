@@ -63,7 +63,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HybridCache | None) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, Dh)
+        k = (
+            self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, Hkv, L, Dh)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
@@ -107,7 +109,9 @@ class MambaMixer(nn.Module):
         self.b_layernorm = RMSNorm(n, config.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache | None
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         dtype = x.dtype
         if pad_mask is not None:
@@ -179,7 +183,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x (T, D); weights and index (T, K): the sum over each token's K experts, weighted."""
-        n_tokens, top_k = index.shape
+        top_k = index.shape[1]
         flat = index.reshape(-1)  # (T*K,)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
