@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PARITY_CONFIGS, random_model, relative_error, to_transformers
 
 from pyjamba.config import JambaConfig
 from pyjamba.model import JambaForCausalLM
+from pyjamba.testing import PARITY_CONFIGS, random_model, relative_error, to_transformers
 
 TOL = 1e-4  # float32, relative to the logits' norm
 
