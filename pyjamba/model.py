@@ -18,6 +18,7 @@ well as before it, so that a left-padded sequence gets exactly the logits it get
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -265,7 +266,10 @@ class Jamba(nn.Module):
 
     def __init__(self, config: JambaConfig, kernels: Kernels) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight skips reset_parameters, whose normal_ on the meta device costs a second of imports;
+        # init_weights() or a checkpoint sets the values.
+        embedding = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(Layer(config, i, kernels) for i in range(config.num_hidden_layers))
         self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -346,6 +350,28 @@ class JambaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        kernels: str | Kernels = "auto",
+    ) -> JambaForCausalLM:
+        """Load a Hugging Face Jamba folder (see `checkpoint.from_pretrained`)."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, device=device, kernels=kernels)
+
+    def save_pretrained(
+        self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
+    ) -> None:
+        """Write the Hugging Face layout, atomically (see `checkpoint.save_pretrained`)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
     def use_kernels(self, kernels: str | Kernels) -> None:
         """Switch every Mamba mixer to other kernels (e.g. the reference, for testing)."""

@@ -1,0 +1,554 @@
+"""Checkpoints in Hugging Face's layout: the name maps, loading (meta + mmap + assign), atomic saving.
+
+pyjamba's tensor names are the checkpoint's except for the experts of a MoE layer, which pyjamba keeps
+stacked and the checkpoint stores one per expert:
+
+    pyjamba                                        Hugging Face checkpoint
+    model.layers.{i}.feed_forward.experts.gate_proj  (E, I, D)   ...experts.{j}.gate_proj.weight  (I, D)
+    model.layers.{i}.feed_forward.experts.up_proj    (E, I, D)   ...experts.{j}.up_proj.weight    (I, D)
+    model.layers.{i}.feed_forward.experts.down_proj  (E, D, I)   ...experts.{j}.down_proj.weight  (D, I)
+
+and a tied head (`tie_word_embeddings`), which transformers leaves out of the file: `lm_head.weight`
+is the embedding. `from_hf` and `to_hf` are that map as pure functions over dicts.
+
+`from_pretrained` builds the model on the meta device, checks every name, shape and dtype in the
+files against it, then hands `load_state_dict(assign=True)` tensors that cost no copy where none is
+needed: a tensor in the wanted dtype is a view of the memory-mapped file (pages come in when first
+touched), and each expert stack is read with plain file reads straight into the stacked parameter, so
+that the per-expert tensors never sit in memory next to their stack.
+
+`save_pretrained` writes into a temporary sibling folder and renames it into place, so that a save
+that fails leaves the previous checkpoint as it was. Only safetensors are read or written: a pickle
+checkpoint (`pytorch_model.bin`) can run arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import JambaConfig
+from .kernels import Kernels
+from .model import JambaForCausalLM
+
+__all__ = ["CheckpointError", "from_hf", "from_pretrained", "parse_size", "save_pretrained", "to_hf"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_FILE = re.compile(r"pytorch_model(-\d{5}-of-\d{5})?\.bin(\.index\.json)?")
+# Files a save replaces; anything else in the folder (tokenizer, generation config, README) is kept.
+_MODEL_FILE = re.compile(
+    r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+    + _PICKLE_FILE.pattern
+)
+
+_HF_EXPERT = re.compile(r"(?P<stack>.+\.experts)\.(?P<j>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
+_STACKED_EXPERT = re.compile(r"(?P<stack>.+\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)")
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+# safetensors' dtype codes for the floating-point dtypes a Jamba checkpoint may hold.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded: the message names the file and, where one is at fault, a tensor."""
+
+
+# ---- the name map --------------------------------------------------------------------------------
+def expert_names(name: str, num_experts: int) -> list[str] | None:
+    """The checkpoint names of the E per-expert tensors stacked into pyjamba tensor `name` (else None)."""
+    match = _STACKED_EXPERT.fullmatch(name)
+    if match is None:
+        return None
+    return [f"{match['stack']}.{j}.{match['proj']}.weight" for j in range(num_experts)]
+
+
+def from_hf(state: Mapping[str, torch.Tensor], config: JambaConfig) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> pyjamba names: per-expert weights stacked (E, out, in), every other tensor as is.
+
+    Each value of `state` is read once (a lazy Mapping works). With tie_word_embeddings, `lm_head.weight`
+    is the embedding, whether or not `state` has one. Raises CheckpointError if a stack lacks an expert.
+    """
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[int, str]] = {}
+    for key in state:
+        match = _HF_EXPERT.fullmatch(key)
+        if match is None:
+            out[key] = state[key]
+        else:
+            stacks.setdefault(f"{match['stack']}.{match['proj']}", {})[int(match["j"])] = key
+    for name, members in stacks.items():
+        missing = [j for j in range(config.num_experts) if j not in members]
+        extra = sorted(j for j in members if j >= config.num_experts)
+        if missing or extra:
+            raise CheckpointError(_expert_set_message(name, config.num_experts, missing, extra))
+        out[name] = torch.stack([state[members[j]] for j in range(config.num_experts)])  # (E, out, in)
+    if config.tie_word_embeddings and _EMBED in out:
+        out[_HEAD] = out[_EMBED]
+    return out
+
+
+def to_hf(state: Mapping[str, torch.Tensor], config: JambaConfig) -> dict[str, torch.Tensor]:
+    """pyjamba names -> checkpoint names: expert stacks (E, out, in) split into E views (out, in).
+
+    With tie_word_embeddings, `lm_head.weight` is left out, as transformers saves a tied head. The
+    values are views of `state`'s tensors: clone them for anything that refuses shared memory.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name == _HEAD and config.tie_word_embeddings:
+            continue
+        names = expert_names(name, config.num_experts)
+        if names is None:
+            out[name] = tensor
+            continue
+        if tensor.dim() != 3 or tensor.shape[0] != config.num_experts:
+            raise ValueError(
+                f"{name} must be stacked (E={config.num_experts}, out, in), got shape {tuple(tensor.shape)}"
+            )
+        for j, key in enumerate(names):
+            out[key] = tensor[j]  # (out, in)
+    return out
+
+
+def _expert_set_message(stack: str, num_experts: int, missing: list[int], extra: list[int]) -> str:
+    parts = []
+    if missing:
+        example = stack.replace(".experts.", f".experts.{missing[0]}.") + ".weight"
+        parts.append(f"expert(s) {missing} missing (no {example})")
+    if extra:
+        parts.append(f"expert(s) {extra} beyond num_experts={num_experts}")
+    return f"the per-expert set of {stack} is incomplete: " + "; ".join(parts)
+
+
+# ---- loading -----------------------------------------------------------------------------------
+class _Files:
+    """A checkpoint folder's safetensors files, opened (memory-mapped) and indexed by tensor name."""
+
+    def __init__(self, folder: Path) -> None:
+        single, index = folder / SINGLE_FILE, folder / INDEX_FILE
+        if single.is_file():
+            self.listing = single  # the file that says which tensors the checkpoint has
+            shard_of = None
+        elif index.is_file():
+            self.listing = index
+            shard_of = _read_index(index)
+        else:
+            pickles = sorted(p.name for p in folder.iterdir() if _PICKLE_FILE.fullmatch(p.name))
+            if pickles:
+                raise CheckpointError(
+                    f"{folder} holds only a pickle checkpoint ({', '.join(pickles)}), which is never read "
+                    "here: unpickling can run arbitrary code. Convert it to safetensors once, in a place "
+                    "you trust (e.g. transformers' save_pretrained, or safetensors.torch.save_file on "
+                    f"torch.load(..., weights_only=True)), to get {SINGLE_FILE}."
+                )
+            raise CheckpointError(f"{folder} has no weights: neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+        files = [single] if shard_of is None else sorted({folder / name for name in shard_of.values()})
+        self.handles = {}
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index}: names shard {file.name}, which is not in {folder}")
+            try:
+                self.handles[file] = safe_open(file, framework="pt", device="cpu")
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(
+                    f"{file}: not a readable safetensors file (truncated or corrupted?): {exc}"
+                ) from exc
+        if shard_of is None:
+            self.file_of = dict.fromkeys(self.handles[single].keys(), single)
+        else:
+            self.file_of = {key: folder / name for key, name in shard_of.items()}
+            for file, handle in self.handles.items():
+                present = set(handle.keys())
+                absent = [key for key, f in self.file_of.items() if f == file and key not in present]
+                if absent:
+                    raise CheckpointError(
+                        f"{index}: places tensor {absent[0]} in {file.name}, which does not hold it "
+                        f"({len(absent)} such tensor(s))"
+                    )
+        self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.handles[self.file_of[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        code = self.handles[self.file_of[key]].get_slice(key).get_dtype()
+        if code not in _DTYPES:
+            raise CheckpointError(
+                f"{self.file_of[key]}: tensor {key} has dtype {code}, not a floating-point dtype "
+                f"({', '.join(_DTYPES)})"
+            )
+        return _DTYPES[code]
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """The tensor as a view of the memory-mapped file: no copy, its pages read when touched."""
+        return self.handles[self.file_of[key]].get_tensor(key)
+
+    def staged(self, key: str) -> torch.Tensor:
+        """The tensor read into a scratch buffer that the next call reuses: convert or copy it at once.
+
+        One buffer for all reads, so that converting dtypes holds one tensor in the checkpoint's
+        dtype at a time and leaves no trail of freed buffers behind in the allocator.
+        """
+        shape, dtype = self.shape(key), self.dtype(key)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(0, dtype=torch.uint8)  # let the smaller one go first
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        view = self._scratch[:nbytes].view(dtype).view(shape)
+        self.read_into(key, view)
+        return view
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read the tensor's bytes into `out` (contiguous, the checkpoint's dtype and shape) with file reads.
+
+        Unlike a view of the mapping, this leaves no file page in the process's memory.
+        """
+        file = self.file_of[key]
+        if file not in self._ranges:
+            self._ranges[file] = _data_ranges(file)
+        start, end = self._ranges[file][key]
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        if len(view) != end - start:
+            raise CheckpointError(f"{file}: tensor {key} holds {end - start} bytes, expected {len(view)}")
+        with open(file, "rb", buffering=0) as fh:
+            fh.seek(start)
+            done = 0
+            while done < len(view):  # one read returns at most ~2 GiB on Linux
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{file}: file ends inside tensor {key}")
+                done += got
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """An index's weight_map (tensor name -> shard file name), checked for shape."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index}: not valid JSON: {exc}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f'{index}: no "weight_map" object mapping tensor names to shard files')
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{index}: tensor {key} maps to {name!r}, not a file name in this folder")
+    return weight_map
+
+
+def _data_ranges(file: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges of a safetensors file's tensors (the header was validated by safe_open)."""
+    with open(file, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    base = 8 + length
+    return {
+        key: (base + meta["data_offsets"][0], base + meta["data_offsets"][1])
+        for key, meta in header.items()
+        if key != "__metadata__"
+    }
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if resolved is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
+    return resolved
+
+
+def _read_config(folder: Path) -> tuple[JambaConfig, str | None]:
+    """The folder's JambaConfig (ConfigError names the file) and the dtype config.json declares."""
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE} (a model folder holds {CONFIG_FILE} and weights)")
+    config = JambaConfig.from_json_file(file)
+    raw = json.loads(file.read_text(encoding="utf-8"))
+    return config, raw.get("dtype", raw.get("torch_dtype"))
+
+
+def _check(files: _Files, expected: dict[str, torch.Tensor], config: JambaConfig) -> None:
+    """Every name, shape and dtype of the checkpoint against the model's, before anything is read."""
+    found = files.file_of
+    listing = files.listing
+    # An expert stack with some experts present but not all: say which expert is missing.
+    for name in expected:
+        names = expert_names(name, config.num_experts)
+        if names is not None and any(k in found for k in names) and not all(k in found for k in names):
+            missing = [j for j, k in enumerate(names) if k not in found]
+            raise CheckpointError(f"{listing}: " + _expert_set_message(name, config.num_experts, missing, []))
+    hf_expected = to_hf(expected, config)
+    tied_head = {_HEAD} if config.tie_word_embeddings else set()
+    missing = [k for k in hf_expected if k not in found]
+    unexpected = [k for k in found if k not in hf_expected and k not in tied_head]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} tensor(s) missing: {', '.join(missing[:5])}" + (", ..." * (len(missing) > 5))
+            )
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:5])}"
+                + (", ..." * (len(unexpected) > 5))
+            )
+        raise CheckpointError(f"{listing}: does not match {CONFIG_FILE}: " + "; ".join(parts))
+    shapes = {k: tuple(t.shape) for k, t in hf_expected.items()}
+    if config.tie_word_embeddings and _HEAD in found:
+        shapes[_HEAD] = shapes[_EMBED]
+    for key, shape in shapes.items():
+        actual = files.shape(key)
+        if actual != shape:
+            raise CheckpointError(
+                f"{found[key]}: tensor {key} has shape {actual}, expected {shape} from {CONFIG_FILE}"
+            )
+        files.dtype(key)  # raises for a non-floating dtype
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    kernels: str | Kernels = "auto",
+) -> JambaForCausalLM:
+    """A JambaForCausalLM from a Hugging Face model folder (config.json + safetensors, one file or sharded).
+
+    dtype: None keeps each tensor's checkpoint dtype; else every tensor is converted while read.
+    On the CPU in the checkpoint's dtype, parameters other than the experts are views of the
+    memory-mapped files (copy-on-write: the files never change); expert stacks are read into place.
+    Raises CheckpointError naming the file (and the tensor) for anything that does not fit the config.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {folder}")
+    config, declared_dtype = _read_config(folder)
+    target = _as_dtype(dtype)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = JambaForCausalLM(config, kernels=kernels)
+    expected = model.state_dict()
+    files = _Files(folder)
+    _check(files, expected, config)
+
+    def read(key: str) -> torch.Tensor:
+        if device.type == "cpu" and target in (None, files.dtype(key)):
+            return files.mapped(key)
+        return files.staged(key).to(device=device, dtype=target, copy=True)
+
+    def read_stack(names: list[str]) -> torch.Tensor:
+        source = files.dtype(names[0])
+        stack = torch.empty((len(names), *files.shape(names[0])), dtype=target or source, device=device)
+        for j, key in enumerate(names):  # (E, out, in), filled one expert at a time
+            if device.type == "cpu" and stack.dtype == files.dtype(key):
+                files.read_into(key, stack[j])
+            else:
+                stack[j].copy_(files.staged(key))
+        return stack
+
+    if config.tie_word_embeddings and _HEAD in files.file_of:
+        embed, head = files.mapped(_EMBED), files.mapped(_HEAD)
+        if not torch.equal(embed, head.to(embed.dtype)):
+            raise CheckpointError(
+                f"{files.file_of[_HEAD]}: tensor {_HEAD} differs from {_EMBED}, but {CONFIG_FILE} sets "
+                "tie_word_embeddings: the head would be silently replaced by the embedding"
+            )
+    state: dict[str, torch.Tensor] = {}
+    for name in expected:
+        if name == _HEAD and config.tie_word_embeddings:
+            continue
+        names = expert_names(name, config.num_experts)
+        state[name] = read(name) if names is None else read_stack(names)
+    if config.tie_word_embeddings:
+        state[_HEAD] = state[_EMBED]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter, not two sharing storage
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    logger.info(
+        "loaded %s: %d tensors from %d file(s), dtype %s (config.json declares %s), device %s",
+        folder, len(files.file_of), len(files.handles), "/".join(dtypes), declared_dtype, device,
+    )  # fmt: skip
+    return model.eval()
+
+
+# ---- saving --------------------------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "500MB", "2GB" (powers of 10) or "1GiB" (powers of 2)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str) and (match := re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", size)):
+        unit = match[2].lower()
+        if unit not in _UNITS:
+            raise ValueError(
+                f"unknown unit {match[2]!r} in size {size!r}; use B, KB, MB, GB, KiB, MiB or GiB"
+            )
+        value = int(float(match[1]) * _UNITS[unit])
+    else:
+        raise ValueError(f"a size is an int of bytes or a string like '500MB' or '1GiB', got {size!r}")
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def _shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Consecutive groups of names of at most `limit` bytes each (a larger tensor gets a shard alone)."""
+    shards: list[list[str]] = [[]]
+    total = 0
+    for key, size in sizes.items():
+        if shards[-1] and total + size > limit:
+            shards.append([])
+            total = 0
+        shards[-1].append(key)
+        total += size
+    return shards
+
+
+def _standalone(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A contiguous CPU tensor owning its whole storage (safetensors refuses views and shared memory)."""
+    tensor = tensor.detach()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    tensor = tensor.cpu()
+    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
+
+
+def _fsync(path: Path) -> None:
+    if os.name != "posix" and path.is_dir():
+        return  # only POSIX can open and sync a folder
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Carry a non-model file or folder over into the new checkpoint folder (hard links where possible)."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # a file system without hard links
+            shutil.copy2(a, b)
+
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(str(src), str(dst))
+
+
+def save_pretrained(
+    model: JambaForCausalLM,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+) -> None:
+    """Write a Hugging Face model folder (config.json + safetensors) that transformers loads as is.
+
+    One `model.safetensors` if the tensors fit in max_shard_size, else `model-0000k-of-0000n.safetensors`
+    shards and `model.safetensors.index.json`. dtype converts the floating-point tensors (None keeps
+    theirs). Atomic: everything is written into a temporary sibling folder, which then replaces `path`;
+    other files already in `path` (tokenizer, generation config, ...) are kept, old model files are not.
+    """
+    limit = parse_size(max_shard_size)
+    target = _as_dtype(dtype)
+    config = model.config
+    state = model.state_dict()
+    if config.tie_word_embeddings and state[_HEAD].data_ptr() != state[_EMBED].data_ptr():
+        raise ValueError(f"config ties {_HEAD} to {_EMBED}, but the model holds two different tensors")
+    hf = to_hf(state, config)
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * (
+            target.itemsize if target is not None and t.is_floating_point() else t.element_size()
+        )
+
+    shards = _shards({key: nbytes(t) for key, t in hf.items()}, limit)
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    saved_dtype = target or hf[_EMBED].dtype
+
+    folder = Path(path).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        data = dict(config.to_dict(), dtype=str(saved_dtype).removeprefix("torch."))
+        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name, keys in zip(names, shards, strict=True):
+            tensors = {key: _standalone(hf[key], target) for key in keys}  # at most one shard's copies
+            safetensors.torch.save_file(tensors, tmp / name, metadata={"format": "pt"})
+            del tensors
+            _fsync(tmp / name)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": sum(nbytes(t) for t in hf.values())},
+                "weight_map": {
+                    key: name for name, keys in zip(names, shards, strict=True) for key in sorted(keys)
+                },
+            }
+            (tmp / INDEX_FILE).write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if not _MODEL_FILE.fullmatch(entry.name):
+                    _link_or_copy(entry, tmp / entry.name)
+        _fsync(tmp)
+        _replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved %s: %d tensors in %d file(s), %s", folder, len(hf), n, saved_dtype)
+
+
+def _replace(new: Path, folder: Path) -> None:
+    """Rename `new` to `folder`; an existing `folder` is moved aside first and deleted after.
+
+    A model loaded from `folder` keeps working: its mapped files stay readable until it lets them go.
+    """
+    if not folder.exists():
+        os.rename(new, folder)
+    else:
+        aside = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(folder, aside)
+        try:
+            os.rename(new, folder)
+        except BaseException:
+            os.rename(aside, folder)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            logger.warning("could not delete the previous checkpoint, moved aside to %s", aside)
+    _fsync(folder.parent)
