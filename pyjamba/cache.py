@@ -46,6 +46,8 @@ class HybridCache:
         self.values: dict[int, torch.Tensor] = {}
         self.conv_states: dict[int, torch.Tensor] = {}
         self.ssm_states: dict[int, torch.Tensor] = {}
+        # The SSM state accumulates over the whole context: float32 at least, float64 for a float64 model.
+        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         kv_shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)  # (B, Hkv, S, Dh)
         for i, kind in enumerate(config.layer_types):
             if kind == "attention":
@@ -57,7 +59,7 @@ class HybridCache:
                     batch_size, inner, width - 1, dtype=dtype, device=self.device
                 )
                 self.ssm_states[i] = torch.zeros(
-                    batch_size, inner, config.mamba_d_state, dtype=torch.float32, device=self.device
+                    batch_size, inner, config.mamba_d_state, dtype=ssm_dtype, device=self.device
                 )
 
     def update_kv(

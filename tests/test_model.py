@@ -139,6 +139,11 @@ def test_float64_model_agrees_with_float32():
     logits64 = model.double()(ids).logits
     assert logits64.dtype == torch.float64
     assert relative_error(logits32, logits64) < 1e-5
+    cache = model.make_cache(batch_size=2)
+    assert all(state.dtype == torch.float64 for state in cache.ssm_states.values())
+    steps = [model(ids[:, :10], cache=cache).logits]
+    steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(10, 17)]
+    assert relative_error(torch.cat(steps, dim=1), logits64) < 1e-12
 
 
 def test_gradients_flow_to_every_parameter():
