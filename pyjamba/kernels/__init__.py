@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
-from . import chunked
+from . import chunked, reference
 
 __all__ = ["KERNEL_NAMES", "Kernels", "resolve_kernels"]
 
@@ -32,9 +31,7 @@ class Kernels:
 
 
 _REGISTRY = {
-    "reference": Kernels(
-        "reference", reference.selective_scan_ref, reference.selective_state_update_ref
-    ),
+    "reference": Kernels("reference", reference.selective_scan_ref, reference.selective_state_update_ref),
     "torch": Kernels("torch", chunked.selective_scan, chunked.selective_state_update),
 }
 

@@ -14,6 +14,9 @@ eq. 4; `selective_scan_ref` in state-spaces/mamba), per channel d and state inde
 
 Inputs are channel-last, as the linear layers produce them: u, delta, z are (B, L, ED); B and C are
 (B, L, N); A is (ED, N); D and delta_bias are (ED,). States are (B, ED, N), float32.
+
+Everything is computed in float32 (bfloat16 and float16 inputs included), except float64 inputs,
+which are computed and return their state in float64 so that tests can compare kernels tightly.
 """
 
 from __future__ import annotations
@@ -38,21 +41,22 @@ def selective_scan_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the recurrence over L steps, one at a time.
 
-    Returns y (B, L, ED) in u's dtype and the last state h_L (B, ED, N) in float32. The scan starts
-    from `initial_state` (B, ED, N) if given, else from zeros.
+    Returns y (B, L, ED) in u's dtype and the last state h_L (B, ED, N) in float32 (float64 for
+    float64 inputs). The scan starts from `initial_state` (B, ED, N) if given, else from zeros.
     """
     batch, length, inner = u.shape
     n_state = A.shape[1]
-    dt = delta.float()
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    dt = delta.to(dtype)
     if delta_bias is not None:
-        dt = dt + delta_bias.float()
+        dt = dt + delta_bias.to(dtype)
     if delta_softplus:
         dt = F.softplus(dt)
-    A, Bf, Cf, uf = A.float(), B.float(), C.float(), u.float()
+    A, Bf, Cf, uf = A.to(dtype), B.to(dtype), C.to(dtype), u.to(dtype)
     if initial_state is None:
-        h = u.new_zeros(batch, inner, n_state, dtype=torch.float32)
+        h = u.new_zeros(batch, inner, n_state, dtype=dtype)
     else:
-        h = initial_state.float().clone()
+        h = initial_state.to(dtype).clone()
     ys = []
     for t in range(length):
         dA = torch.exp(dt[:, t, :, None] * A)  # (B, ED, N)
@@ -61,9 +65,9 @@ def selective_scan_ref(
         ys.append((h * Cf[:, t, None, :]).sum(-1))  # (B, ED)
     y = torch.stack(ys, dim=1) if ys else uf.new_zeros(batch, 0, inner)  # (B, L, ED)
     if D is not None:
-        y = y + uf * D.float()
+        y = y + uf * D.to(dtype)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(dtype))
     return y.to(u.dtype), h
 
 

@@ -1,0 +1,194 @@
+"""Selective-scan benchmark on CPU: time and peak memory per call, one JSON line per measurement.
+
+Compares three implementations of the same forward (float32, with D, z and delta_bias, no gradient):
+  reference     pyjamba.kernels.reference.selective_scan_ref (the spec: a loop over L)
+  fast          pyjamba.kernels.chunked.selective_scan (what `kernels="auto"` runs on CPU)
+  transformers  transformers.models.jamba.modeling_jamba.mamba_selective_scan (its CPU path)
+and reports each one's time and peak memory as a ratio to transformers' on the same shape.
+
+Every measurement runs in a fresh subprocess, so that its peak resident memory (ru_maxrss) belongs to
+that case alone; the peak reported is ru_maxrss after the calls minus the resident size just before
+the first call, with the inputs already built (torch's allocations are invisible to tracemalloc).
+Time is the best of `calls` calls; the first call is included, which matters only for the reference
+at L = 4096, which runs once.
+
+    python benchmarks/bench_scan.py --threads 2 [--lengths 512 4096] [--long] [--wait-idle]
+
+--long adds L = 16384 for the fast scan alone. --wait-idle waits for an idle CPU before each timed
+call, for shared machines where other jobs come and go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = ((1, 1024), (8, 1024), (1, 8192))  # (B, ED)
+N_STATE = 16
+IMPLS = ("transformers", "reference", "fast")
+
+
+def calls_for(impl: str, batch: int, length: int, inner: int) -> int:
+    """How many calls to time: fewer for the slow reference loop, more for fast cases."""
+    work = batch * length * inner
+    if impl == "reference":
+        return 1 if work >= 4096 * 1024 else 3
+    if impl == "transformers":
+        return 2 if work >= 4096 * 8192 else 3
+    return 3 if work >= 4096 * 8192 else 5
+
+
+def wait_idle(threshold: float = 0.1, timeout_s: float = 300.0) -> None:
+    """Block until the whole machine's CPU use over 0.3 s falls below `threshold` (Linux /proc/stat)."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        total0, idle0 = ticks()
+        time.sleep(0.3)
+        total1, idle1 = ticks()
+        if 1 - (idle1 - idle0) / max(1, total1 - total0) < threshold:
+            return
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_case(case: dict) -> dict:
+    """Build the inputs for one implementation and shape, call it, and measure (in this process)."""
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    batch, length, inner, n_state = case["batch"], case["length"], case["inner"], N_STATE
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).mul_(scale).add_(shift)
+
+    A = -torch.exp(randn(inner, n_state, scale=0.5, shift=0.5))  # (ED, N)
+    D, delta_bias = randn(inner), randn(inner, scale=0.2)
+    if case["impl"] == "transformers":
+        from transformers.models.jamba.modeling_jamba import mamba_selective_scan
+
+        # transformers' layout: channel-first, u, dt, z (B, ED, L) and B, C (B, N, L).
+        u, delta, z = (
+            randn(batch, inner, length),
+            randn(batch, inner, length, shift=-1.0),
+            randn(batch, inner, length),
+        )
+        B, C = randn(batch, n_state, length), randn(batch, n_state, length)
+
+        def call() -> object:
+            return mamba_selective_scan(
+                u,
+                delta,
+                A,
+                B,
+                C,
+                D=D,
+                z=z,
+                delta_bias=delta_bias,
+                delta_softplus=True,
+                return_last_state=True,
+            )
+    else:
+        from pyjamba.kernels import chunked, reference
+
+        scan = chunked.selective_scan if case["impl"] == "fast" else reference.selective_scan_ref
+        u, delta, z = (
+            randn(batch, length, inner),
+            randn(batch, length, inner, shift=-1.0),
+            randn(batch, length, inner),
+        )
+        B, C = randn(batch, length, n_state), randn(batch, length, n_state)
+
+        def call() -> object:
+            return scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True)
+
+    rss_before = rss_bytes()
+    times = []
+    with torch.no_grad():
+        for _ in range(case["calls"]):
+            if case["wait_idle"]:
+                wait_idle()
+            start = time.perf_counter()
+            out = call()
+            times.append(time.perf_counter() - start)
+            del out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {
+        "time_s": round(min(times), 4),
+        "time_median_s": round(statistics.median(times), 4),
+        "peak_rss_increase_mib": round(max(0, peak - rss_before) / 2**20, 1),
+        "torch": torch.__version__,
+    }
+
+
+def measure(case: dict) -> dict:
+    """Run one case in a fresh interpreter and return its measurements."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(case["threads"])}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        return {
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"
+        }
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--long", action="store_true", help="also L = 16384, fast scan only")
+    parser.add_argument("--wait-idle", action="store_true", help="wait for an idle CPU before each call")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+    plan = [(length, shape, args.impls) for length in args.lengths for shape in SHAPES]
+    if args.long:
+        plan += [(16384, shape, ["fast"]) for shape in SHAPES]
+    for length, (batch, inner), impls in plan:
+        baseline = None
+        for impl in sorted(impls, key=IMPLS.index):  # transformers first: the others are its ratios
+            case = {
+                "impl": impl,
+                "batch": batch,
+                "length": length,
+                "inner": inner,
+                "n_state": N_STATE,
+                "threads": args.threads,
+                "calls": calls_for(impl, batch, length, inner),
+                "wait_idle": args.wait_idle,
+            }
+            result = measure(case)
+            row = {"bench": "selective_scan", **case, **result}
+            del row["wait_idle"]
+            if impl == "transformers" and "error" not in result:
+                baseline = result
+            if baseline is not None and "error" not in result:
+                row["time_vs_transformers"] = round(result["time_s"] / baseline["time_s"], 3)
+                row["peak_vs_transformers"] = round(
+                    result["peak_rss_increase_mib"] / max(baseline["peak_rss_increase_mib"], 0.1), 3
+                )
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
