@@ -190,3 +190,22 @@ def test_model_builds_on_meta_device_without_memory():
     total = sum(p.numel() for p in model.parameters())
     assert 51e9 < total < 53e9
     assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_small_preset_matches_transformers_at_realistic_width():
+    """The 77M `jamba-small` shape (hidden 512, dt rank 32, 4 experts) over several scan chunks."""
+    config = JambaConfig.from_preset("jamba-small").replace(max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = JambaForCausalLM(config)
+    model.init_weights()
+    model.eval()
+    hf = to_transformers(model)
+    ids = _ids(config, 2, 300)
+    expected = hf(ids).logits
+    assert relative_error(model(ids).logits, expected) < TOL
+    cache = model.make_cache(batch_size=2)
+    steps = [model(ids[:, :290], cache=cache).logits]
+    steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(290, 300)]
+    assert relative_error(torch.cat(steps, dim=1), expected) < TOL
