@@ -375,6 +375,15 @@ class JambaForCausalLM(nn.Module):
 
         save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        """The prompt and the new tokens (B, prompt + new), as transformers' generate; see `generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
     def use_kernels(self, kernels: str | Kernels) -> None:
         """Switch every Mamba mixer to other kernels (e.g. the reference, for testing)."""
         self.kernels = resolve_kernels(kernels)
