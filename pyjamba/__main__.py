@@ -1,4 +1,4 @@
-"""`pyjamba VERB ...` and `python -m pyjamba VERB ...`: maps each verb to the main() of its module."""
+"""`pyjamba VERB ...` and `python -m pyjamba VERB ...`: maps each verb to the function that runs it."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import importlib
 import logging
 import sys
 
-# verb -> (module, one-line help); each module has main(argv: list[str]) -> int.
+# verb -> ("module" or "module:function", one-line help); the function (default main) takes argv
+# (list[str]) and returns the exit code.
 VERBS: dict[str, tuple[str, str]] = {
-    "info": (
-        "pyjamba.info",
-        "parameters, attention-cache and Mamba-state memory of a preset or model folder",
-    ),
+    "info": ("pyjamba.info", "parameters, attention-cache and Mamba-state memory of a preset or folder"),
+    "generate": ("pyjamba.cli:generate_main", "continue a prompt with a model, streaming the text"),
+    "chat": ("pyjamba.cli:chat_main", "a multi-turn conversation with a model's chat template"),
 }
 
 
@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyjamba: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    module = importlib.import_module(VERBS[verb][0])
-    return int(module.main(rest) or 0)
+    module_name, _, function = VERBS[verb][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "main")(rest) or 0)
 
 
 if __name__ == "__main__":
