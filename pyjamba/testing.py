@@ -6,13 +6,14 @@ transformers is a test-only dependency: it is imported only when a twin is asked
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 
 from .config import JambaConfig
 from .model import JambaForCausalLM
 
-__all__ = ["PARITY_CONFIGS", "random_model", "relative_error", "to_transformers"]
+__all__ = ["PARITY_CONFIGS", "random_model", "relative_error", "tiny_tokenizer", "to_transformers"]
 
 _BASE = dict(
     vocab_size=97,
@@ -109,3 +110,74 @@ def to_transformers(model: JambaForCausalLM):
             state[name] = tensor
     hf.load_state_dict(state, strict=True)
     return hf.eval()
+
+
+def tiny_tokenizer(
+    folder: str | Path,
+    vocab_size: int = 300,
+    chat_template: str | None = (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+) -> Path:
+    """Write a tiny Jamba-like tokenizer folder (tokenizer.json, tokenizer_config.json) and return it.
+
+    A byte-level BPE trained in milliseconds, deterministically, on a few built-in paragraphs (accents,
+    CJK, emoji included). Ids as Jamba's: 0 <|pad|>, 1 <|startoftext|> (BOS, added by the
+    post-processor), 2 <|endoftext|> (EOS), 3 <|unk|>; then 4 <|im_start|>, 5 <|im_end|> for the
+    ChatML-style default `chat_template` (None writes no template). Both pyjamba's Tokenizer and
+    transformers' AutoTokenizer load it.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>", "<|im_start|>", "<|im_end|>"]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(specials)} (256 bytes and {len(specials)} specials)"
+        )
+    text = [
+        "The Jamba models interleave Mamba layers with attention layers, and some of their MLPs are "
+        "mixtures of experts. A long context costs little memory: only one layer in eight keeps a KV cache.",
+        'Once upon a time, a quick brown fox jumped over the lazy dog; the dog didn\'t mind. "Hello," said '
+        "the fox, \"it's a lovely day, isn't it?\" They walked to the café and ordered crème brûlée.",
+        "Numbers: 0 1 2 3 4 5 6 7 8 9, 3.14159, 2024-06-01. Code: def f(x): return x * 2\n\tindented line",
+        "Naïve résumé, façade, Ångström, jalapeño, Straße. 日本語のテキスト、中文文本，한국어. Emoji: 🙂 🚀 👍🏽.",
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(text, trainer)
+    bos = tokenizer.token_to_id("<|startoftext|>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A",
+        pair="<|startoftext|> $A <|startoftext|> $B",
+        special_tokens=[("<|startoftext|>", bos)],
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+        add_bos_token=True,  # as Jamba's configs; the post-processor is what adds it
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    text_config = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (folder / "tokenizer_config.json").write_text(text_config, encoding="utf-8")
+    return folder
