@@ -29,7 +29,62 @@ from .cache import HybridCache
 from .config import JambaConfig
 from .kernels import Kernels, resolve_kernels
 
-__all__ = ["CausalLMOutput", "Jamba", "JambaForCausalLM", "load_balancing_loss"]
+__all__ = ["CausalLMOutput", "Jamba", "JambaForCausalLM", "linear", "load_balancing_loss"]
+
+# How `linear` multiplies on a CPU (measured on a 2-core AVX2 CPU, 2 threads; docs/benchmarks.md).
+_ONEDNN = torch.backends.mkldnn.is_available()
+# Whether the CPU multiplies bfloat16 natively (AVX512-BF16, AMX); without it torch's bfloat16 GEMM
+# is a loop at ~2-4 GFLOP/s, against ~75 in float32.
+_CPU_BF16_MATMUL = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_ONEDNN_MIN_WEIGHT = 1 << 19  # float32 weights from this many elements up go through oneDNN
+_FEW_ROWS = 64  # 2 to this many rows: the weight as the left operand
+_BF16_ROWS = 4  # bfloat16 without native support: up to this many rows stay in bfloat16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` by the fastest route on a CPU; F.linear is its readable twin.
+
+    Inference only (autograd, compilation and other devices take F.linear). x (..., in) has `rows`
+    rows in all (tokens times sequences):
+    - float32, one row (decoding one sequence): oneDNN's inner product for weights of
+      `_ONEDNN_MIN_WEIGHT` elements or more. MKL's matrix-vector product runs on one core: the
+      65536 x 512 head takes 11 ms there against 7 ms in oneDNN; for small weights oneDNN's fixed
+      cost (~50 us) loses, and F.linear is kept.
+    - float32, 2 to `_FEW_ROWS` rows (decoding a batch): weight @ x^T, transposed back. MKL
+      parallelises over the weight's rows and streams it once: 2-3x faster than x @ weight^T
+      (1024 x 512 weight, 4 rows: 0.16 ms against 0.40 in MKL and 0.30 in oneDNN).
+    - float32, more rows (prompts): as for one row; oneDNN is on par with MKL or up to 15% faster.
+    - bfloat16 on a CPU without native bfloat16 GEMM: up to `_BF16_ROWS` rows stay in bfloat16
+      (a vectorised matrix-vector product per row, half the bytes of float32); more rows are
+      multiplied in float32, the weight converted on the fly (a small cost next to the product).
+    """
+    if (
+        x.device.type != "cpu"
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        or torch.compiler.is_compiling()  # the compiler picks its own matmuls
+    ):
+        return F.linear(x, weight, bias)
+    rows = x.numel() // max(1, x.shape[-1])
+    if weight.dtype == torch.bfloat16 and not _CPU_BF16_MATMUL and rows > _BF16_ROWS:
+        bias32 = None if bias is None else bias.float()
+        return linear(x.float(), weight.float(), bias32).to(x.dtype)
+    if weight.dtype != torch.float32 or rows == 0:
+        return F.linear(x, weight, bias)
+    if 2 <= rows <= _FEW_ROWS:
+        # MKL wants x^T as a transposed row-major x, hence the row-major input and output.
+        flat = x.reshape(rows, x.shape[-1]).contiguous().t()  # (in, rows)
+        out = torch.mm(weight, flat) if bias is None else torch.addmm(bias[:, None], weight, flat)
+        return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])  # (..., out)
+    if weight.numel() >= _ONEDNN_MIN_WEIGHT and _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names) that multiplies through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -41,9 +96,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One call instead of seven small ones: the same arithmetic (x * rsqrt(mean(x^2) + eps) * w).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -56,10 +113,10 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: HybridCache | None) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -97,15 +154,15 @@ class MambaMixer(nn.Module):
         d, inner, n, r = config.hidden_size, config.mamba_inner, config.mamba_d_state, config.dt_rank
         self.inner, self.n_state, self.dt_rank = inner, n, r
         self.conv_width = config.mamba_d_conv
-        self.in_proj = nn.Linear(d, 2 * inner, bias=config.mamba_proj_bias)
+        self.in_proj = Linear(d, 2 * inner, bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(
             inner, inner, config.mamba_d_conv, groups=inner, bias=config.mamba_conv_bias, padding=0
         )
-        self.x_proj = nn.Linear(inner, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, inner, bias=True)
+        self.x_proj = Linear(inner, r + 2 * n, bias=False)
+        self.dt_proj = Linear(r, inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(inner, n))
         self.D = nn.Parameter(torch.empty(inner))
-        self.out_proj = nn.Linear(inner, d, bias=config.mamba_proj_bias)
+        self.out_proj = Linear(inner, d, bias=config.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(r, config.rms_norm_eps)
         self.b_layernorm = RMSNorm(n, config.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, config.rms_norm_eps)
@@ -113,49 +170,104 @@ class MambaMixer(nn.Module):
     def forward(
         self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache | None
     ) -> torch.Tensor:
-        batch, length, _ = x.shape
+        if cache is not None and x.shape[1] == 1 and cache.length > 0:
+            return self.step(x, pad_mask, cache)
+        batch, _, _ = x.shape
         dtype = x.dtype
         if pad_mask is not None:
             x = x * pad_mask
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, ED) each
         if pad_mask is not None:
             xs = xs * pad_mask
-
-        # Causal depthwise conv over [past W-1 inputs, new inputs]; zeros stand for "no past".
-        xs = xs.transpose(1, 2)  # (B, ED, L)
-        if cache is not None:
-            past = cache.conv_states[self.layer_idx]
-        else:
-            past = xs.new_zeros(batch, self.inner, self.conv_width - 1)
-        window = torch.cat([past.to(xs.dtype), xs], dim=-1)  # (B, ED, W-1+L)
-        if cache is not None:
-            past.copy_(window[:, :, window.shape[-1] - (self.conv_width - 1) :])
-        xs = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.inner))
-        xs = xs.transpose(1, 2)  # (B, L, ED)
+        # Zeros stand for "no past" before the first token.
+        past = (
+            cache.conv_states[self.layer_idx]
+            if cache is not None
+            else x.new_zeros(batch, self.inner, self.conv_width - 1)
+        )
+        xs = F.silu(causal_conv(xs, past, self.conv1d.weight, self.conv1d.bias))  # (B, L, ED)
         if pad_mask is not None:
             xs = xs * pad_mask
-
-        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.n_state, self.n_state], dim=-1)
-        dt = self.dt_layernorm(dt)
-        B = self.b_layernorm(B)  # (B, L, N)
-        C = self.c_layernorm(C)  # (B, L, N)
-        delta = F.linear(dt, self.dt_proj.weight)  # (B, L, ED); its bias is added in float32 by the scan
+        dt, B, C = self._dt_b_c(xs)  # (B, L, R), (B, L, N), (B, L, N)
+        delta = linear(dt, self.dt_proj.weight)  # (B, L, ED); its bias is added in float32 by the scan
         A = -torch.exp(self.A_log.float())  # (ED, N)
-        D, dt_bias = self.D.float(), self.dt_proj.bias.float()
-
-        if cache is not None and length == 1 and cache.length > 0:
-            y = self.kernels.selective_state_update(
-                cache.ssm_states[self.layer_idx], xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0],
-                D=D, z=z[:, 0], delta_bias=dt_bias, delta_softplus=True,
-            )[:, None]  # fmt: skip
-        else:
-            initial = cache.ssm_states[self.layer_idx] if cache is not None else None
-            y, last = self.kernels.selective_scan(
-                xs, delta, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True, initial_state=initial
-            )
-            if cache is not None:
-                cache.ssm_states[self.layer_idx].copy_(last)
+        initial = cache.ssm_states[self.layer_idx] if cache is not None else None
+        y, last = self.kernels.selective_scan(
+            xs, delta, A, B, C, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True, initial_state=initial,
+        )  # fmt: skip
+        if cache is not None:
+            cache.ssm_states[self.layer_idx].copy_(last)
         return self.out_proj(y.to(dtype))
+
+    def step(self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache) -> torch.Tensor:
+        """One new token per sequence, x (B, 1, D): the conv and the SSM advance their cached state."""
+        dtype = x.dtype
+        x = x[:, 0]  # (B, D)
+        pad = pad_mask[:, 0] if pad_mask is not None else None  # (B, 1)
+        if pad is not None:
+            x = x * pad
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, ED) each
+        if pad is not None:
+            xs = xs * pad
+        xs = F.silu(
+            causal_conv_update(xs, cache.conv_states[self.layer_idx], self.conv1d.weight, self.conv1d.bias)
+        )
+        if pad is not None:
+            xs = xs * pad
+        dt, B, C = self._dt_b_c(xs)  # (B, R), (B, N), (B, N)
+        delta = linear(dt, self.dt_proj.weight)  # (B, ED)
+        A = -torch.exp(self.A_log.float())  # (ED, N)
+        y = self.kernels.selective_state_update(
+            cache.ssm_states[self.layer_idx], xs, delta, A, B, C, D=self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )  # fmt: skip
+        return self.out_proj(y.to(dtype))[:, None]  # (B, 1, D)
+
+    def _dt_b_c(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_proj, split into dt (R), B (N), C (N), each RMS-normed."""
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.n_state, self.n_state], dim=-1)
+        return self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+
+
+def causal_conv_ref(
+    x: torch.Tensor, past: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The causal depthwise conv as F.conv1d over [past W-1 inputs, x]: readable twin of `causal_conv`."""
+    window = torch.cat([past.to(x.dtype), x.transpose(1, 2)], dim=-1)  # (B, ED, W-1+L)
+    past.copy_(window[:, :, window.shape[-1] - past.shape[-1] :])
+    return F.conv1d(window, weight, bias, groups=weight.shape[0]).transpose(1, 2)  # (B, L, ED)
+
+
+def causal_conv(
+    x: torch.Tensor, past: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Depthwise causal conv along L: y_t = bias + sum_k weight[:, 0, k] x_(t - W + 1 + k), (B, L, ED).
+
+    x is (B, L, ED); the W-1 inputs before x_0 come from `past` (B, ED, W-1), which is then
+    overwritten with the last W-1 inputs; weight is (ED, 1, W) as nn.Conv1d's. Computed as W
+    shifted multiply-adds in x's own layout: F.conv1d wants (B, ED, L), and the transposed copies to
+    and from it cost more than the conv.
+    """
+    length = x.shape[1]
+    width = weight.shape[-1]
+    window = torch.cat([past.transpose(1, 2).to(x.dtype), x], dim=1)  # (B, W-1+L, ED)
+    past.copy_(window[:, length:].transpose(1, 2))
+    w = weight[:, 0].t()  # (W, ED)
+    y = window[:, :length] * w[0]
+    for k in range(1, width):
+        y.addcmul_(window[:, k : k + length], w[k])
+    return y if bias is None else y.add_(bias)
+
+
+def causal_conv_update(
+    x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`causal_conv` for one token, x (B, ED): the dot of [state, x] with the kernel; state moves on by one."""
+    window = torch.cat([state, x[..., None].to(state.dtype)], dim=-1)  # (B, ED, W)
+    state.copy_(window[..., 1:])
+    y = (window * weight[:, 0]).sum(-1).to(x.dtype)  # (B, ED)
+    return y if bias is None else y + bias
 
 
 class MLP(nn.Module):
@@ -164,9 +276,9 @@ class MLP(nn.Module):
     def __init__(self, config: JambaConfig) -> None:
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, i, bias=False)
-        self.up_proj = nn.Linear(d, i, bias=False)
-        self.down_proj = nn.Linear(i, d, bias=False)
+        self.gate_proj = Linear(d, i, bias=False)
+        self.up_proj = Linear(d, i, bias=False)
+        self.down_proj = Linear(i, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -184,6 +296,16 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x (T, D); weights and index (T, K): the sum over each token's K experts, weighted."""
+        if x.shape[0] == 1:
+            return self.one_token(x, weights, index)
+        return self.grouped(x, weights, index)
+
+    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e applied to rows h (n, D) -> (n, D)."""
+        return linear(F.silu(linear(h, self.gate_proj[e])) * linear(h, self.up_proj[e]), self.down_proj[e])
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, each expert run once on all its tokens, results scattered back."""
         top_k = index.shape[1]
         flat = index.reshape(-1)  # (T*K,)
         order = torch.argsort(flat, stable=True)
@@ -196,11 +318,21 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             rows = token_of[start : start + count]
-            h = x[rows]  # (count, D)
-            h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)  # (count, I)
-            h = (h @ self.down_proj[e].T) * weight_of[start : start + count, None]  # (count, D)
+            h = self.expert(e, x[rows]) * weight_of[start : start + count, None]  # (count, D)
             out.index_add_(0, rows, h.to(out.dtype))
             start += count
+        return out
+
+    def one_token(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """`grouped` for a single token (decoding one sequence): its K experts in turn, no sort or scatter.
+
+        Gathering the routed experts' weights into a (T*K, I, D) batch, as GPU decoders do, copies
+        6 MB per expert here and measured 3-10x slower on a CPU than either path (docs/benchmarks.md).
+        """
+        out = None
+        for e, w in zip(index[0].tolist(), weights[0], strict=True):
+            h = self.expert(e, x) * w  # (1, D)
+            out = h if out is None else out.add_(h)
         return out
 
 
@@ -210,7 +342,7 @@ class SparseMoE(nn.Module):
     def __init__(self, config: JambaConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.router = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,13 +436,16 @@ def _masks(
             f"got {tuple(attention_mask.shape)}"
         )
     keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
+    if bool(keep.all()):  # no padding anywhere: the cheaper masks of an unpadded batch
+        return _masks(None, length, past, device)
     causal = torch.ones(length, total, dtype=torch.bool, device=device).tril(past)  # (L, S)
     mask = causal[None] & keep[:, None, :]  # (B, L, S)
     # A padding query would attend to nothing (NaN rows); let it see itself, its output is unused.
     diagonal = torch.zeros(length, total, dtype=torch.bool, device=device)
     diagonal[:, past:] = torch.eye(length, dtype=torch.bool, device=device)
     mask = mask | diagonal[None]
-    pad_mask = keep[:, past:, None]  # (B, L, 1)
+    # Decoding steps of a left-padded batch have only real new tokens: nothing for Mamba to mask.
+    pad_mask = keep[:, past:, None] if not bool(keep[:, past:].all()) else None  # (B, L, 1)
     return mask[:, None], pad_mask
 
 
@@ -349,7 +484,7 @@ class JambaForCausalLM(nn.Module):
         self.config = config
         self.kernels = resolve_kernels(kernels)
         self.model = Jamba(config, self.kernels)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

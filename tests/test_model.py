@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pyjamba.config import JambaConfig
-from pyjamba.model import JambaForCausalLM
+from pyjamba.model import JambaForCausalLM, causal_conv, causal_conv_ref, causal_conv_update, linear
 from pyjamba.testing import PARITY_CONFIGS, random_model, relative_error, to_transformers
 
 TOL = 1e-4  # float32, relative to the logits' norm
@@ -209,3 +210,95 @@ def test_small_preset_matches_transformers_at_realistic_width():
     steps = [model(ids[:, :290], cache=cache).logits]
     steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(290, 300)]
     assert relative_error(torch.cat(steps, dim=1), expected) < TOL
+
+
+# ---- fast paths against their readable twins -------------------------------------------------------
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("shape", [(24, 16), (1024, 512)])  # below and above the oneDNN threshold
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(rows, shape, bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g)
+    b = torch.randn(shape[0], generator=g) if bias else None
+    x = torch.randn(2, rows, shape[1], generator=g)
+    assert relative_error(linear(x, w, b), F.linear(x, w, b)) < 1e-6
+    assert relative_error(linear(x[:, -1], w, b), F.linear(x[:, -1], w, b)) < 1e-6  # a strided input
+    # bfloat16: one row stays in bfloat16, more rows are multiplied in float32; both round the same
+    expected = F.linear(
+        x.bfloat16().float(), w.bfloat16().float(), None if b is None else b.bfloat16().float()
+    )
+    actual = linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16())
+    assert actual.dtype == torch.bfloat16
+    assert relative_error(actual, expected) < 1e-2
+
+
+def test_linear_under_autograd_is_f_linear():
+    w = torch.randn(1024, 512, requires_grad=True)
+    x = torch.randn(3, 512)
+    y = linear(x, w)
+    y.sum().backward()
+    assert torch.allclose(w.grad, x.sum(0).expand(1024, 512))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("length", [1, 2, 7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_causal_conv_matches_conv1d(length, bias):
+    g = torch.Generator().manual_seed(0)
+    inner, width = 12, 4
+    weight = torch.randn(inner, 1, width, generator=g)
+    b = torch.randn(inner, generator=g) if bias else None
+    x = torch.randn(2, length, inner, generator=g)  # (B, L, ED)
+    past = torch.randn(2, inner, width - 1, generator=g)
+    past_ref = past.clone()
+    expected = causal_conv_ref(x, past_ref, weight, b)
+    assert relative_error(causal_conv(x, past, weight, b), expected) < 1e-6
+    assert torch.equal(past, past_ref)
+    if length == 1:
+        past_step = past_ref.clone()
+        expected = causal_conv_ref(x, past_ref, weight, b)
+        assert relative_error(causal_conv_update(x[:, 0], past_step, weight, b), expected[:, 0]) < 1e-6
+        assert torch.equal(past_step, past_ref)
+
+
+@torch.no_grad()
+def test_one_token_experts_match_grouped():
+    model = random_model(PARITY_CONFIGS["jamba-pattern-8"])
+    moe = next(layer.feed_forward for layer in model.model.layers if layer.is_moe)
+    x = torch.randn(1, model.config.hidden_size)
+    probs = torch.softmax(moe.router(x), dim=-1)
+    weights, index = torch.topk(probs, moe.top_k, dim=-1)
+    expected = moe.experts.grouped(x, weights, index)
+    assert relative_error(moe.experts.one_token(x, weights, index), expected) < 1e-6
+    assert relative_error(moe.experts(x, weights, index), expected) < 1e-6
+
+
+@torch.no_grad()
+def test_attention_mask_of_ones_is_no_mask():
+    model = random_model(PARITY_CONFIGS["jamba-pattern-8"])
+    ids = _ids(model.config, 2, 12)
+    ones = torch.ones(2, 12, dtype=torch.long)
+    assert torch.equal(model(ids, attention_mask=ones).logits, model(ids).logits)
+    cache = model.make_cache(batch_size=2)
+    steps = [model(ids[:, :6], attention_mask=ones[:, :6], cache=cache).logits]
+    steps += [
+        model(ids[:, t : t + 1], attention_mask=ones[:, : t + 1], cache=cache).logits for t in range(6, 12)
+    ]
+    assert relative_error(torch.cat(steps, dim=1), model(ids).logits) < TOL
+
+
+@torch.no_grad()
+def test_bfloat16_model_is_as_close_to_float32_as_transformers(parity_pair):
+    """bfloat16 (matmuls in float32 where the CPU lacks bfloat16) errs no more than transformers' does."""
+    _, model, hf = parity_pair
+    ids = _ids(model.config, 2, 14)
+    expected = model(ids).logits
+    theirs = relative_error(hf.to(torch.bfloat16)(ids).logits, expected)
+    model = model.to(torch.bfloat16)
+    ours = relative_error(model(ids).logits, expected)
+    assert ours < 1.5 * theirs + 5e-3
+    cache = model.make_cache(batch_size=2)
+    steps = [model(ids[:, :8], cache=cache).logits]
+    steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(8, 14)]
+    assert relative_error(torch.cat(steps, dim=1), expected) < 2 * theirs + 5e-3
