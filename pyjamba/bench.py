@@ -248,13 +248,19 @@ def _load(engine: str, folder: str, dtype: str) -> Any:
     return model.eval()
 
 
-def _engine_calls(engine: str, model: Any) -> tuple[Any, Any]:
-    """(prefill(ids, extra) -> (logits, state), step(tokens, state) -> logits) for an engine."""
+def _engine_calls(engine: str, model: Any, chunk: int = 0) -> tuple[Any, Any]:
+    """(prefill(ids, extra) -> (logits, state), step(tokens, state) -> logits) for an engine.
+
+    chunk: pyjamba feeds a prompt through the cache `chunk` tokens at a time (0: all at once).
+    """
     if engine == "ours":
 
         def prefill(ids: Any, extra: int) -> tuple[Any, Any]:
             cache = model.make_cache(ids.shape[0], max_length=ids.shape[1] + extra)
-            return model(ids, cache=cache, logits_to_keep=1).logits, cache
+            size = chunk or ids.shape[1]
+            for start in range(0, ids.shape[1], size):
+                logits = model(ids[:, start : start + size], cache=cache, logits_to_keep=1).logits
+            return logits, cache
 
         def step(tokens: Any, cache: Any) -> Any:
             return model(tokens[:, None], cache=cache).logits
@@ -281,10 +287,14 @@ def run_engine(case: dict[str, Any]) -> list[dict[str, Any]]:
     with _Peak() as load_peak:
         model = _load(case["engine"], case["checkpoint"], case["dtype"])
     load_s = time.perf_counter() - start
-    prefill, step = _engine_calls(case["engine"], model)
+    prefill, step = _engine_calls(case["engine"], model, case.get("prefill_chunk", 0))
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     base = {k: case[k] for k in ("engine", "variant", "preset", "dtype", "threads")}
+    if case["engine"] == "ours":
+        base["kernels"] = model.kernels.name
+        if case.get("prefill_chunk"):
+            base["prefill_chunk"] = case["prefill_chunk"]
     rows = [{"bench": "load", **base, "load_s": round(load_s, 2), "rss_gb": round(load_peak.peak / 1e9, 3)}]
 
     with torch.inference_mode():
@@ -389,6 +399,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-prompt", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=0,
+        help="pyjamba: feed prompts this many tokens at a time (0: whole)",
+    )
     parser.add_argument("--engines", default="ours,transformers", help="comma-separated: ours, transformers")
     parser.add_argument(
         "--variants", default="hybrid,transformer", help="comma-separated: hybrid, transformer"
@@ -470,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_prompt": args.decode_prompt,
                 "decode_steps": args.decode_steps,
                 "repeats": args.repeats,
+                "prefill_chunk": args.prefill_chunk,
                 "wait_idle": args.wait_idle,
             }
             for row in _subprocess(["--case", json.dumps(case)], args.threads):

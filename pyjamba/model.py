@@ -474,7 +474,7 @@ def load_balancing_loss(
 class JambaForCausalLM(nn.Module):
     """A Jamba language model: the decoder stack and its language-model head (tied or not).
 
-    `kernels` picks the selective scan ("auto", "torch" or "reference"), once, at construction.
+    `kernels` picks the selective scan ("auto", "torch", "numba" or "reference"), once, at construction.
     Construction does not initialise the weights (so that building on the meta device is free):
     call `init_weights()` for random ones, or load them with `from_pretrained`.
     """

@@ -1,12 +1,19 @@
 """The selective-scan kernels: the chunked fast path held to the reference (values and gradients),
-the one-token update, chaining through the state, and transformers' scan as an outside oracle."""
+the fused numba kernels held to the reference on the same sweeps, the one-token update, chaining
+through the state, kernel resolution, and transformers' scan as an outside oracle."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
-from pyjamba.kernels import KERNEL_NAMES, Kernels, chunked, reference, resolve_kernels
+import pyjamba.kernels as kernels_module
+from pyjamba.kernels import KERNEL_NAMES, Kernels, chunked, numba_unavailable, reference, resolve_kernels
+
+NUMBA = numba_unavailable() is None
+needs_numba = pytest.mark.skipif(not NUMBA, reason="numba is not installed")
 
 # Per-dtype tolerances for y and the state. float64 is computed in float64 by both kernels; bfloat16
 # inputs are computed in float32 by both, so only the final rounding of y to bfloat16 differs.
@@ -286,10 +293,224 @@ def test_chunk_length_bounds_memory() -> None:
 
 
 def test_resolve_kernels() -> None:
-    assert resolve_kernels("auto").selective_scan is chunked.selective_scan
+    assert resolve_kernels("torch").selective_scan is chunked.selective_scan
     assert resolve_kernels("reference").selective_scan is reference.selective_scan_ref
     custom = Kernels("mine", chunked.selective_scan, chunked.selective_state_update)
     assert resolve_kernels(custom) is custom
-    assert set(KERNEL_NAMES) == {"auto", "torch", "reference"}
+    assert set(KERNEL_NAMES) == {"auto", "torch", "numba", "reference"}
     with pytest.raises(ValueError, match="unknown kernels"):
         resolve_kernels("triton-please")
+
+
+def test_auto_resolution_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pyjamba.kernels"):
+        kernels = resolve_kernels("auto")
+    assert kernels.name == ("numba" if NUMBA else "torch")
+    assert f"resolved to '{kernels.name}'" in caplog.text
+    with caplog.at_level(logging.INFO, logger="pyjamba.kernels"):
+        assert resolve_kernels("auto", device="cuda").name == "torch"  # resolving needs no GPU
+    assert "CPU only" in caplog.text
+
+
+def test_without_numba_auto_picks_torch_and_numba_raises(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(kernels_module, "numba_unavailable", lambda: "numba is not importable (test)")
+    with caplog.at_level(logging.INFO, logger="pyjamba.kernels"):
+        assert resolve_kernels("auto").name == "torch"
+    assert "numba is not importable (test)" in caplog.text
+    with pytest.raises(RuntimeError, match="kernels='numba' is unavailable"):
+        resolve_kernels("numba")
+
+
+def test_numba_kernels_refuse_other_devices() -> None:
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_kernels("numba", device="cuda")
+
+
+# The fused numba kernels (pyjamba/kernels/fused.py), on the sweeps above. ED = 130 and 300 cover a block
+# of W = 128 channels plus a partial one; N = 16 is Jamba's, which the update unrolls.
+
+
+@pytest.fixture(scope="module")
+def fused() -> Kernels:
+    if not NUMBA:
+        pytest.skip("numba is not installed")
+    return resolve_kernels("numba")
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("length", [1, 2, 31, 32, 33, 63, 64, 65, 200])
+@pytest.mark.parametrize(
+    ("batch", "inner", "n_state"), [(1, 8, 4), (2, 5, 3), (3, 4, 16), (2, 130, 16), (1, 300, 5)]
+)
+def test_fused_scan_matches_reference(
+    fused: Kernels, dtype: torch.dtype, length: int, batch: int, inner: int, n_state: int
+) -> None:
+    inputs = make_inputs(batch, length, inner, n_state, dtype)
+    y_ref, h_ref = reference.selective_scan_ref(**inputs)
+    y, h = fused.selective_scan(**inputs)
+    assert y.dtype == dtype and y.shape == (batch, length, inner)
+    assert h.shape == (batch, inner, n_state) and h.dtype == h_ref.dtype
+    assert_close(y, y_ref, dtype)
+    assert_state_close(h, h_ref, dtype)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("delta_softplus", [True, False])
+@pytest.mark.parametrize("options", [(), ("D",), ("z",), ("delta_bias",), ("initial_state",), OPTIONS])
+def test_fused_scan_options(
+    fused: Kernels, dtype: torch.dtype, delta_softplus: bool, options: tuple[str, ...]
+) -> None:
+    inputs = make_inputs(2, 37, 6, 5, dtype, options, seed=1)
+    if not delta_softplus:  # without softplus the step must already be positive
+        inputs["delta"] = inputs["delta"].abs()
+    y_ref, h_ref = reference.selective_scan_ref(**inputs, delta_softplus=delta_softplus)
+    y, h = fused.selective_scan(**inputs, delta_softplus=delta_softplus)
+    assert_close(y, y_ref, dtype)
+    assert_state_close(h, h_ref, dtype)
+
+
+@needs_numba
+@pytest.mark.parametrize("case", ["positive A", "negative dt", "strong decay", "float16"])
+def test_fused_scan_outside_the_usual_range(fused: Kernels, case: str) -> None:
+    """Exponents dt A that may be positive take the clamped path; very negative ones underflow alike."""
+    dtype = torch.float16 if case == "float16" else torch.float32
+    inputs = make_inputs(2, 45, 140, 16, dtype, seed=15)
+    softplus = case != "negative dt"
+    if case == "positive A":
+        inputs["A"][3, :4] = 0.05
+    if case == "negative dt":
+        inputs["delta"] = inputs["delta"] * 0.02  # some steps negative: exp(dt A) > 1, still finite
+        inputs["delta_bias"] = inputs["delta_bias"] * 0.02
+    if case == "strong decay":
+        inputs["A"][:, :8] = -150.0  # exp(dt A) underflows for any dt above ~0.6
+    y_ref, h_ref = reference.selective_scan_ref(**inputs, delta_softplus=softplus)
+    y, h = fused.selective_scan(**inputs, delta_softplus=softplus)
+    assert y.dtype == dtype
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else TOL[torch.float32]
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert_state_close(h, h_ref, torch.float32)
+
+
+@needs_numba
+def test_fused_scan_takes_views(fused: Kernels) -> None:
+    """The model's u is a transposed (B, ED, L) tensor, z and B, C slices of projections."""
+    inputs = make_inputs(2, 70, 140, 16, seed=16)
+    y_ref, h_ref = reference.selective_scan_ref(**inputs)
+    views = dict(inputs)
+    views["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    views["z"] = torch.cat([inputs["z"], inputs["u"]], dim=-1)[..., :140]
+    views["B"] = torch.cat([inputs["B"], inputs["C"]], dim=-1)[..., :16]
+    views["C"] = inputs["C"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not views["u"].is_contiguous() and not views["z"].is_contiguous()
+    y, h = fused.selective_scan(**views)
+    assert_close(y, y_ref, torch.float32)
+    assert_state_close(h, h_ref, torch.float32)
+
+
+@needs_numba
+def test_fused_scan_same_result_for_any_thread_count(fused: Kernels) -> None:
+    inputs = make_inputs(3, 50, 300, 16, seed=17)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, h1 = fused.selective_scan(**inputs)
+        torch.set_num_threads(2)
+        y2, h2 = fused.selective_scan(**inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)
+
+
+@needs_numba
+def test_fused_scan_empty_sequence_and_inputs_left_alone(fused: Kernels) -> None:
+    inputs = make_inputs(2, 0, 4, 3)
+    y, h = fused.selective_scan(**inputs)
+    assert y.shape == (2, 0, 4)
+    torch.testing.assert_close(h, inputs["initial_state"])
+    inputs = make_inputs(2, 20, 4, 3)
+    before = {k: v.clone() for k, v in inputs.items()}
+    fused.selective_scan(**inputs)
+    for k, v in inputs.items():
+        assert torch.equal(v, before[k]), k
+
+
+@needs_numba
+def test_fused_scan_rejects_mismatched_shapes(fused: Kernels) -> None:
+    inputs = make_inputs(2, 20, 8, 4)
+    inputs["B"] = inputs["B"][:, :10]
+    with pytest.raises(ValueError, match="shapes do not match"):
+        fused.selective_scan(**inputs)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [(), OPTIONS])
+@pytest.mark.parametrize("delta_softplus", [True, False])
+@pytest.mark.parametrize(("batch", "inner", "n_state"), [(3, 8, 4), (1, 300, 16), (8, 130, 5)])
+def test_fused_state_update_matches_reference(
+    fused: Kernels,
+    dtype: torch.dtype,
+    options: tuple[str, ...],
+    delta_softplus: bool,
+    batch: int,
+    inner: int,
+    n_state: int,
+) -> None:
+    inputs = make_inputs(batch, 1, inner, n_state, dtype, (*options, "initial_state"), seed=2)
+    state = inputs.pop("initial_state")
+    if not delta_softplus:
+        inputs["delta"] = inputs["delta"].abs()
+    step = {k: v[:, 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
+    state_ref = state.clone()
+    y_ref = reference.selective_state_update_ref(state_ref, **step, delta_softplus=delta_softplus)
+    y = fused.selective_state_update(state, **step, delta_softplus=delta_softplus)
+    assert y.shape == (batch, inner) and y.dtype == dtype
+    assert_close(y, y_ref, dtype)
+    assert_state_close(state, state_ref, dtype)
+
+
+@needs_numba
+def test_fused_state_update_on_a_strided_state(fused: Kernels) -> None:
+    inputs = make_inputs(2, 1, 8, 4, seed=18)
+    step = {k: v[:, 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
+    state_ref = step.pop("initial_state")
+    state = state_ref.transpose(1, 2).contiguous().transpose(1, 2)  # (B, ED, N), not contiguous
+    y_ref = reference.selective_state_update_ref(state_ref, **step)
+    y = fused.selective_state_update(state, **step)
+    assert_close(y, y_ref, torch.float32)
+    assert_state_close(state, state_ref, torch.float32)
+
+
+@needs_numba
+def test_fused_chained_scan_equals_prefix_then_updates(fused: Kernels) -> None:
+    length, prefix = 80, 37
+    inputs = make_inputs(2, length, 140, 16, seed=3)
+    y_full, h_full = fused.selective_scan(**inputs)
+    first = {k: v[:, :prefix] if v.dim() == 3 and k != "initial_state" else v for k, v in inputs.items()}
+    y_pre, state = fused.selective_scan(**first)
+    ys = [y_pre]
+    step_args = {k: v for k, v in inputs.items() if k != "initial_state"}
+    for t in range(prefix, length):
+        step = {k: v[:, t] if v.dim() == 3 else v for k, v in step_args.items()}
+        ys.append(fused.selective_state_update(state, **step)[:, None])
+    assert_close(torch.cat(ys, dim=1), y_full, torch.float32)
+    assert_state_close(state, h_full, torch.float32)
+
+
+@needs_numba
+def test_fused_under_autograd_is_the_chunked_scan(fused: Kernels) -> None:
+    """The fused kernels have no backward: with a gradient to compute they hand the call to chunked.py."""
+    inputs = make_inputs(2, 30, 6, 4, torch.float64, seed=19)
+    g = torch.Generator().manual_seed(20)
+    weights = (
+        torch.randn(2, 30, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 6, 4, generator=g, dtype=torch.float64),
+    )
+    expected = _grads(reference.selective_scan_ref, inputs, weights)
+    actual = _grads(fused.selective_scan, {k: v.float() for k, v in inputs.items()}, weights=(weights[0].float(), weights[1].float()))  # fmt: skip
+    for name in expected:
+        torch.testing.assert_close(actual[name].double(), expected[name], atol=1e-4, rtol=1e-4, msg=name)

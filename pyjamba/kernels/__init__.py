@@ -2,23 +2,30 @@
 
 `resolve_kernels("auto")` picks the fastest implementation available for a device and logs the
 choice; asking for a kernel that cannot run raises, it never falls back silently.
+
+    reference  reference.py: the spec, a loop over L in PyTorch
+    torch      chunked.py: chunked scan in PyTorch, differentiable; any device
+    numba      fused.py: one fused pass compiled by numba, CPU only, forward only (under autograd and for
+               float64 it hands the call to the chunked scan); needs the `numba` package
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
 from . import chunked, reference
 
-__all__ = ["KERNEL_NAMES", "Kernels", "resolve_kernels"]
+__all__ = ["KERNEL_NAMES", "Kernels", "numba_unavailable", "resolve_kernels"]
 
 logger = logging.getLogger(__name__)
 
-KERNEL_NAMES = ("auto", "torch", "reference")
+KERNEL_NAMES = ("auto", "torch", "numba", "reference")
 
 
 @dataclass(frozen=True)
@@ -36,14 +43,58 @@ _REGISTRY = {
 }
 
 
+def _fused() -> ModuleType:
+    """Import the numba kernels (importing numba itself takes a moment, so only when asked for)."""
+    return importlib.import_module(f"{__name__}.fused")
+
+
+def numba_unavailable() -> str | None:
+    """Why the numba kernels cannot be used here, or None if they can (numba imports)."""
+    try:
+        _fused()
+    except ImportError as e:
+        return f"numba is not importable ({e}); install it with `pip install numba`"
+    return None
+
+
+def _numba_kernels() -> Kernels:
+    """The numba Kernels, compiled now (or loaded from numba's cache); raises if they cannot be."""
+    reason = numba_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"kernels='numba' is unavailable: {reason}")
+    fused = _fused()
+    seconds = fused.compile_kernels()
+    logger.info("numba kernels compiled or loaded in %.1f s", seconds)
+    return Kernels("numba", fused.selective_scan, fused.selective_state_update)
+
+
 def resolve_kernels(name: str | Kernels = "auto", device: torch.device | str | None = None) -> Kernels:
-    """Turn a kernel name into Kernels. "auto" is the chunked PyTorch scan on every device today."""
+    """Turn a kernel name into Kernels.
+
+    "auto" is "numba" on CPU when numba is importable and its kernels compile, else "torch"; on other
+    devices "torch". The choice, and why, is logged. "numba" raises if numba is missing or the device is
+    not a CPU.
+    """
     if isinstance(name, Kernels):
         return name
     if name not in KERNEL_NAMES:
         raise ValueError(f"unknown kernels {name!r}; choose one of {', '.join(KERNEL_NAMES)}")
-    if name == "auto":
-        resolved = _REGISTRY["torch"]
-        logger.info("kernels='auto' resolved to %r on device %s", resolved.name, device or "cpu")
-        return resolved
-    return _REGISTRY[name]
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if name == "numba":
+        if device_type != "cpu":
+            raise ValueError(f"kernels='numba' runs on CPU only, not on {device_type}")
+        return _numba_kernels()
+    if name != "auto":
+        return _REGISTRY[name]
+    if device_type != "cpu":
+        resolved, why = _REGISTRY["torch"], "the numba kernels run on CPU only"
+    elif (reason := numba_unavailable()) is not None:
+        resolved, why = _REGISTRY["torch"], reason
+    else:
+        try:
+            resolved, why = _numba_kernels(), "numba is installed and its kernels compiled"
+        except Exception as e:  # a compiler failure must not stop the model; it is logged, not hidden
+            logger.warning("the numba kernels failed to compile, using 'torch': %r", e)
+            resolved, why = _REGISTRY["torch"], f"numba failed to compile ({type(e).__name__})"
+    logger.info("kernels='auto' resolved to %r on device %s: %s", resolved.name, device_type, why)
+    return resolved
