@@ -4,6 +4,7 @@ checkpoints, carries state, fine-tunes on chat lines, and exports a model that l
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,54 @@ def test_bad_data_and_model_fields_are_named(corpus, tmp_path):
 
 
 BASE = {"model": {"preset": "jamba-tiny"}}
+
+
+def test_sft_learns_only_the_assistant_tokens(corpus, tmp_path):
+    """Fine-tuning a pretrained model on chat lines: the loss counts the assistant's tokens alone."""
+    Trainer(recipe(corpus, tmp_path / "base", train={"max_steps": 3, "checkpoint_every": 3})).run()
+    tokenizer, _ = corpus
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {w}"},
+                {"role": "assistant", "content": f"{w} indeed"},
+            ]
+        }
+        for w in ("truth", "fortune", "wife", "man", "neighbourhood", "families", "daughters", "minds")
+    ]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    sft = TrainRecipe.from_dict(
+        {
+            "model": {"init_from": str(tmp_path / "base" / "model"), "kernels": "torch"},
+            "data": {"sft": str(chat), "tokenizer": str(tokenizer), "seq_len": 64, "batch_size": 2},
+            "optim": {"lr": 1e-3, "warmup_steps": 1},
+            "train": {"out_dir": str(tmp_path / "sft"), "max_steps": 3, "log_every": 1, "eval_every": 3,
+                      "checkpoint_every": 3, "threads": 1},
+        }
+    )  # fmt: skip
+    trainer = Trainer(sft)
+    # The first step's loss, computed by hand over the assistant's tokens of the same batch.
+    probe = Trainer(sft)
+    batch = probe.source.next_batch(probe.loader)
+    assistant = batch.labels != -100
+    assert 0 < int(assistant.sum()) < int(batch.attention_mask.sum())  # prompts are not targets
+    with torch.no_grad():
+        logits = probe.model(batch.input_ids, attention_mask=batch.attention_mask).logits
+    expected = torch.nn.functional.cross_entropy(logits[assistant], batch.labels[assistant]).item()
+    result = trainer.run()
+    assert losses(tmp_path / "sft")[1] == pytest.approx(expected, abs=1e-4)
+    assert result["finished"] and math.isfinite(result["val_loss"])
+
+
+def test_cli_reports_bad_recipes_in_one_line(tmp_path, capsys):
+    from pyjamba.train.cli import main
+
+    assert main([str(tmp_path / "missing.toml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    path = tmp_path / "r.toml"
+    path.write_text('[model]\npreset = "jamba-tiny"\n[data]\ntokens = "t"\n')
+    assert main([str(path), "optim.lr=-1"]) == 2
+    assert "optim.lr must be a finite number >= 0" in capsys.readouterr().err
+    assert main([str(path), "--print-recipe", "train.max_steps=7"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["max_steps"] == 7

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a recipe; a bad recipe, missing data or an unreadable checkpoint is a one-line error."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     try:
         recipe = TrainRecipe.from_toml(args.recipe, args.overrides)
         if args.print_recipe:
