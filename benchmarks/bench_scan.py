@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+from pyjamba.bench import wait_idle
+
 SHAPES = ((1, 1024), (8, 1024), (1, 5120), (1, 8192))  # (B, ED)
 N_STATE = 16
 IMPLS = ("transformers", "reference", "fast", "numba")
@@ -53,23 +55,6 @@ def calls_for(impl: str, batch: int, length: int, inner: int) -> int:
     if impl == "transformers":
         return 2 if work >= 4096 * 8192 else 3
     return 5 if work >= 4096 * 8192 else 9
-
-
-def wait_idle(threshold: float = 0.1, timeout_s: float = 300.0) -> None:
-    """Block until the whole machine's CPU use over 0.3 s falls below `threshold` (Linux /proc/stat)."""
-
-    def ticks() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        total0, idle0 = ticks()
-        time.sleep(0.3)
-        total1, idle1 = ticks()
-        if 1 - (idle1 - idle0) / max(1, total1 - total0) < threshold:
-            return
 
 
 def rss_bytes() -> int:

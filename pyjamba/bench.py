@@ -30,6 +30,16 @@ waits for an idle CPU first, for machines shared with other jobs. Peak memory is
 resident high-water mark during the measurement (reset before it through /proc/self/clear_refs),
 with the weights; `peak_increase_gb` is that minus the resident size just before.
 
+On a machine that never goes idle, `--paired` loads every engine at once, each in its own process,
+and runs them in turn, measurement by measurement and run by run, so that both see the same load;
+rows then carry their run times (`times_s`) and ours the median of the per-run ratios
+(`speed_vs_transformers_round_median`) besides the ratio of the best times. It needs both models
+in memory at once (not for a 3B model in float32 on 24 GiB).
+
+`--dtype auto` (the default) is `checkpoint.auto_dtype`'s choice for this machine, resolved once
+and written in every row.
+
+    pyjamba bench --model-preset jamba-small --threads 2 --paired
     pyjamba bench --model-preset jamba-small --dtype float32 --threads 2 --wait-idle
     python benchmarks/bench_generate.py ...   (the same)
 """
@@ -38,11 +48,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,24 +159,15 @@ class _Peak:
         self.peak = max(_status_kib("VmHWM") * 1024, self.before)
 
 
-def _timed(fn: Any, repeats: int, idle: bool) -> tuple[list[float], _Peak]:
-    """Call fn() `repeats` times (each after waiting for an idle CPU if asked); times and peak."""
-    times = []
-    with _Peak() as peak:
-        for _ in range(repeats):
-            if idle:
-                wait_idle()
-            times.append(fn())
-    return times, peak
-
-
-def _summary(times: list[float], peak: _Peak) -> dict[str, Any]:
+def _summary(runs: list[tuple[float, int, int]]) -> dict[str, Any]:
+    """Best and median time of the runs (seconds, peak bytes, resident bytes before), highest peak."""
+    times = [t for t, _, _ in runs]
     return {
         "time_s": round(min(times), 4),
         "time_median_s": round(statistics.median(times), 4),
         "repeats": len(times),
-        "peak_rss_gb": round(peak.peak / 1e9, 3),
-        "peak_increase_gb": round((peak.peak - peak.before) / 1e9, 3),
+        "peak_rss_gb": round(max(peak for _, peak, _ in runs) / 1e9, 3),
+        "peak_increase_gb": round(max(peak - before for _, peak, before in runs) / 1e9, 3),
     }
 
 
@@ -222,9 +225,12 @@ def model_matmul_gflops(config: JambaConfig, threads: int, tokens: int = 512) ->
     for name, (n_in, n_out) in shapes.items():
         x, w = torch.randn(tokens, n_in), torch.randn(n_out, n_in)
         F.linear(x, w)
-        start = time.perf_counter()
-        F.linear(x, w)
-        out[name] = round(2 * tokens * n_in * n_out / (time.perf_counter() - start) / 1e9, 1)
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            F.linear(x, w)
+            best = min(best, time.perf_counter() - start)
+        out[name] = round(2 * tokens * n_in * n_out / best / 1e9, 1)
     return out
 
 
@@ -277,71 +283,164 @@ def _engine_calls(engine: str, model: Any, chunk: int = 0) -> tuple[Any, Any]:
     return prefill, step
 
 
-def run_engine(case: dict[str, Any]) -> list[dict[str, Any]]:
-    """Load one engine's model and run every measurement of `case` (in this process)."""
-    import torch
+class _Engine:
+    """One engine's model, loaded in this process and warmed up; `run` times one measurement."""
 
-    torch.set_num_threads(case["threads"])
-    idle, repeats = case["wait_idle"], case["repeats"]
-    start = time.perf_counter()
-    with _Peak() as load_peak:
-        model = _load(case["engine"], case["checkpoint"], case["dtype"])
-    load_s = time.perf_counter() - start
-    prefill, step = _engine_calls(case["engine"], model, case.get("prefill_chunk", 0))
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    base = {k: case[k] for k in ("engine", "variant", "preset", "dtype", "threads")}
-    if case["engine"] == "ours":
-        base["kernels"] = model.kernels.name
-        if case.get("prefill_chunk"):
-            base["prefill_chunk"] = case["prefill_chunk"]
-    rows = [{"bench": "load", **base, "load_s": round(load_s, 2), "rss_gb": round(load_peak.peak / 1e9, 3)}]
+    def __init__(self, case: dict[str, Any]) -> None:
+        import torch
 
-    with torch.inference_mode():
-        warm = torch.randint(1, vocab, (1, 64), generator=g)
-        logits, state = prefill(warm, 4)  # first calls: allocator, oneDNN primitives, lazy imports
-        step(logits[:, -1].argmax(-1), state)
+        torch.set_num_threads(case["threads"])
+        self.case = case
+        start = time.perf_counter()
+        with _Peak() as peak:
+            model = _load(case["engine"], case["checkpoint"], case["dtype"])
+        load_s = time.perf_counter() - start
+        self.prefill, self.step = _engine_calls(case["engine"], model, case.get("prefill_chunk", 0))
+        self.vocab = model.config.vocab_size
+        self.base = {k: case[k] for k in ("engine", "variant", "preset", "dtype", "threads")}
+        if case["engine"] == "ours":
+            self.base["kernels"] = model.kernels.name
+            if case.get("prefill_chunk"):
+                self.base["prefill_chunk"] = case["prefill_chunk"]
+        self.load_row = {"bench": "load", **self.base, "load_s": round(load_s, 2)}
+        self.load_row["rss_gb"] = round(peak.peak / 1e9, 3)
+        with torch.inference_mode():
+            warm = self._ids(1, 64, seed=0)
+            logits, state = self.prefill(warm, 4)  # first calls: allocator, oneDNN primitives, lazy imports
+            self.step(logits[:, -1].argmax(-1), state)
 
-        for length in case["lengths"]:
-            ids = torch.randint(1, vocab, (1, length), generator=g)
+    def _ids(self, batch: int, length: int, seed: int) -> Any:
+        """The same random token ids for every engine (seeded by the measurement)."""
+        import torch
 
-            def one_prefill(ids: Any = ids) -> float:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(1, self.vocab, (batch, length), generator=g)
+
+    def run(self, bench: str, size: int) -> tuple[float, int, int]:
+        """One prefill of `size` tokens or one decode of a batch of `size`: (seconds, peak, before)."""
+        import torch
+
+        case = self.case
+        with torch.inference_mode(), _Peak() as peak:
+            if bench == "prefill":
+                ids = self._ids(1, size, seed=size)
                 t0 = time.perf_counter()
-                prefill(ids, 1)
-                return time.perf_counter() - t0
-
-            times, peak = _timed(one_prefill, repeats, idle)
-            row = {"bench": "prefill", **base, "length": length, **_summary(times, peak)}
-            row["tokens_per_s"] = round(length / row["time_s"], 1)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-
-        for batch in case["batches"]:
-            ids = torch.randint(1, vocab, (batch, case["decode_prompt"]), generator=g)
-
-            def one_decode(ids: Any = ids) -> float:
-                logits, state = prefill(ids, case["decode_steps"])
+                self.prefill(ids, 1)
+                seconds = time.perf_counter() - t0
+            else:
+                ids = self._ids(size, case["decode_prompt"], seed=10**6 + size)
+                logits, state = self.prefill(ids, case["decode_steps"])
                 tokens = logits[:, -1].argmax(-1)
                 t0 = time.perf_counter()
                 for _ in range(case["decode_steps"]):
-                    tokens = step(tokens, state)[:, -1].argmax(-1)
-                return time.perf_counter() - t0
+                    tokens = self.step(tokens, state)[:, -1].argmax(-1)
+                seconds = time.perf_counter() - t0
+        return seconds, peak.peak, peak.before
 
-            times, peak = _timed(one_decode, repeats, idle)
-            row = {"bench": "decode", **base, "batch": batch, "prompt": case["decode_prompt"]}
-            row |= {"steps": case["decode_steps"], **_summary(times, peak)}
-            row["tokens_per_s"] = round(batch * case["decode_steps"] / row["time_s"], 2)
-            row["ms_per_step"] = round(1e3 * row["time_s"] / case["decode_steps"], 2)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+
+def _row(base: dict[str, Any], case: dict[str, Any], bench: str, size: int, runs: list) -> dict[str, Any]:
+    """The JSON row of a measurement from its runs (seconds, peak, before)."""
+    if bench == "prefill":
+        row = {"bench": "prefill", **base, "length": size, **_summary(runs)}
+        row["tokens_per_s"] = round(size / row["time_s"], 1)
+        return row
+    row = {"bench": "decode", **base, "batch": size, "prompt": case["decode_prompt"]}
+    row |= {"steps": case["decode_steps"], **_summary(runs)}
+    row["tokens_per_s"] = round(size * case["decode_steps"] / row["time_s"], 2)
+    row["ms_per_step"] = round(1e3 * row["time_s"] / case["decode_steps"], 2)
+    return row
+
+
+def _measurements(case: dict[str, Any]) -> list[tuple[str, int]]:
+    return [("prefill", n) for n in case["lengths"]] + [("decode", b) for b in case["batches"]]
+
+
+def run_engine(case: dict[str, Any]) -> list[dict[str, Any]]:
+    """Load one engine's model and run every measurement of `case` (in this process)."""
+    engine = _Engine(case)
+    rows = [engine.load_row]
+    for bench, size in _measurements(case):
+        runs = []
+        for _ in range(case["repeats"]):
+            if case["wait_idle"]:
+                wait_idle()
+            runs.append(engine.run(bench, size))
+        rows.append(_row(engine.base, case, bench, size, runs))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def serve_engine(case: dict[str, Any]) -> None:
+    """Worker of a paired run: the load row, then one run per request line ({"bench", "size"}) on stdin."""
+    engine = _Engine(case)
+    print(json.dumps(engine.load_row), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        print(json.dumps(engine.run(request["bench"], request["size"])), flush=True)
+
+
+def _env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def run_paired(cases: list[dict[str, Any]], repeats: int, idle: bool) -> Iterator[dict[str, Any]]:
+    """All engines of `cases` loaded at once, each in its own process, run in turn measurement by
+    measurement (the order reversed every round), so that they see the same machine load.
+
+    Yields the load rows, then per measurement one row per engine that runs it; ratios between
+    engines are then taken round by round (`_paired_ratios`).
+    """
+    workers: list[subprocess.Popen] = []
+    bases: list[dict[str, Any]] = []
+    try:
+        for case in cases:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pyjamba.bench", "--serve", json.dumps(case)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(case["threads"]),
+            )  # fmt: skip
+            workers.append(proc)
+            loaded = json.loads(_reply(proc))
+            bases.append({k: v for k, v in loaded.items() if k not in ("bench", "load_s", "rss_gb")})
+            yield loaded
+        sizes = dict.fromkeys(m for case in cases for m in _measurements(case))
+        for bench, size in sizes:
+            taking = [
+                (case, base, proc)
+                for case, base, proc in zip(cases, bases, workers, strict=True)
+                if (bench, size) in _measurements(case)
+            ]
+            runs: list[list[tuple[float, int, int]]] = [[] for _ in taking]
+            for r in range(repeats):
+                if idle:
+                    wait_idle()
+                order = range(len(taking)) if r % 2 == 0 else reversed(range(len(taking)))
+                for i in order:
+                    proc = taking[i][2]
+                    proc.stdin.write(json.dumps({"bench": bench, "size": size}) + "\n")
+                    proc.stdin.flush()
+                    runs[i].append(tuple(json.loads(_reply(proc))))
+            for (case, base, _), engine_runs in zip(taking, runs, strict=True):
+                row = _row(base, case, bench, size, engine_runs)
+                row["paired"] = True
+                row["times_s"] = [round(t, 4) for t, _, _ in engine_runs]
+                yield row
+    finally:
+        for proc in workers:
+            proc.stdin.close()
+            proc.wait()
+
+
+def _reply(proc: subprocess.Popen) -> str:
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"bench worker exited with {proc.wait()}: {proc.args[-1][:200]}")
+    return line
 
 
 def _subprocess(args: list[str], threads: int) -> list[dict[str, Any]]:
     """Run `python -m pyjamba.bench ARGS` in a fresh interpreter; its JSON lines (stdout)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pyjamba.bench", *args], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-m", "pyjamba.bench", *args], stdout=subprocess.PIPE, text=True, env=_env(threads)
     )
     if proc.returncode != 0:
         return [{"error": f"subprocess exited with {proc.returncode}", "args": args}]
@@ -392,7 +491,9 @@ def _annotate(row: dict[str, Any], config: JambaConfig, machine: dict[str, Any])
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyjamba bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model-preset", default="jamba-small", choices=sorted(PRESETS))
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", *DTYPES), help="auto: checkpoint.auto_dtype's choice here"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192], help="prompt lengths")
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="decode batch sizes")
@@ -412,6 +513,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--transformers-max-length", type=int, default=8192, help="longer prompts are run for pyjamba only"
     )
+    parser.add_argument(
+        "--transformers-lengths",
+        type=int,
+        nargs="*",
+        help="transformers' prompt lengths (default: --lengths)",
+    )
+    parser.add_argument(
+        "--transformers-decode-steps", type=int, help="transformers' decode steps (default: --decode-steps)"
+    )
     parser.add_argument("--checkpoint-dir", default="/tmp/pyjamba-bench", help="random checkpoints live here")
     parser.add_argument(
         "--checkpoint-dtype", choices=DTYPES, help="stored dtype (default: bfloat16 above 1B parameters)"
@@ -421,9 +531,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-machine", action="store_true", help="skip measuring the machine")
     parser.add_argument("--wait-idle", action="store_true", help="wait for an idle CPU before each run")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="load the engines at once and alternate them run by run (ratios per round; needs both in memory)",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one engine in this process
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: one engine of a paired run
     parser.add_argument("--machine", action="store_true", help=argparse.SUPPRESS)  # internal
     return parser
+
+
+def _compare(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """Add ours-over-transformers ratios to our row: of the best times (per step, should the step counts
+    differ), and for a paired run also the median of the round-by-round ratios."""
+    if ours["bench"] == "decode":
+        ours["speed_vs_transformers"] = round(theirs["ms_per_step"] / ours["ms_per_step"], 2)
+    else:
+        ours["speed_vs_transformers"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
+    same_work = ours.get("steps") == theirs.get("steps")
+    if same_work and "times_s" in ours and len(ours["times_s"]) == len(theirs.get("times_s", ())):
+        ratios = [t / o for o, t in zip(ours["times_s"], theirs["times_s"], strict=True)]
+        ours["speed_vs_transformers_round_median"] = round(statistics.median(ratios), 2)
+    ours["peak_increase_vs_transformers"] = round(
+        ours["peak_increase_gb"] / max(theirs["peak_increase_gb"], 1e-3), 2
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         for row in run_engine(json.loads(args.case)):
             print(json.dumps(row), flush=True)
+        return 0
+    if args.serve:
+        serve_engine(json.loads(args.serve))
         return 0
     if args.machine:
         config = JambaConfig.from_preset(args.model_preset)
@@ -447,6 +582,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"pyjamba bench: unknown {name} {', '.join(unknown)}", file=sys.stderr)
             return 2
+    dtype = args.dtype
+    if dtype == "auto":
+        from .checkpoint import auto_dtype
+
+        dtype = str(auto_dtype(JambaConfig.from_preset(args.model_preset))).removeprefix("torch.")
+        print(f"pyjamba bench: --dtype auto is {dtype} here", file=sys.stderr)
     machine_args = ["--machine", "--threads", str(args.threads), "--model-preset", args.model_preset]
     if args.no_machine:
         machine = {"bench": "machine", "skipped": True}
@@ -468,40 +609,45 @@ def main(argv: list[str] | None = None) -> int:
             for row in earlier
             if row.get("engine") == "transformers"
             and (row.get("variant"), row.get("preset"), row.get("dtype"), row.get("threads"))
-            == (variant, args.model_preset, args.dtype, args.threads)
+            == (variant, args.model_preset, dtype, args.threads)
         }
+        cases = []
         for engine in sorted(engines, key=lambda e: e != "transformers"):  # theirs first: ours as ratios
-            lengths = args.lengths
+            lengths, steps = args.lengths, args.decode_steps
             if engine == "transformers":
+                lengths = args.transformers_lengths if args.transformers_lengths is not None else lengths
                 lengths = [n for n in lengths if n <= args.transformers_max_length]
-            case = {
-                "engine": engine,
-                "variant": variant,
-                "preset": args.model_preset,
-                "dtype": args.dtype,
-                "threads": args.threads,
-                "checkpoint": str(folder),
-                "lengths": lengths,
-                "batches": args.batches,
-                "decode_prompt": args.decode_prompt,
-                "decode_steps": args.decode_steps,
-                "repeats": args.repeats,
-                "prefill_chunk": args.prefill_chunk,
-                "wait_idle": args.wait_idle,
-            }
-            for row in _subprocess(["--case", json.dumps(case)], args.threads):
-                if "error" not in row and "tokens_per_s" in row and "skipped" not in machine:
-                    _annotate(row, config, machine)
-                key = (row.get("bench"), row.get("length"), row.get("batch"))
-                if engine == "transformers":
-                    baseline[key] = row
-                elif key in baseline and "tokens_per_s" in row:
-                    theirs = baseline[key]
-                    row["speed_vs_transformers"] = round(row["tokens_per_s"] / theirs["tokens_per_s"], 2)
-                    row["peak_increase_vs_transformers"] = round(
-                        row["peak_increase_gb"] / max(theirs["peak_increase_gb"], 1e-3), 2
-                    )
-                print(json.dumps(row), flush=True)
+                steps = args.transformers_decode_steps or steps
+            cases.append(
+                {
+                    "engine": engine,
+                    "variant": variant,
+                    "preset": args.model_preset,
+                    "dtype": dtype,
+                    "threads": args.threads,
+                    "checkpoint": str(folder),
+                    "lengths": lengths,
+                    "batches": args.batches,
+                    "decode_prompt": args.decode_prompt,
+                    "decode_steps": steps,
+                    "repeats": args.repeats,
+                    "prefill_chunk": args.prefill_chunk,
+                    "wait_idle": args.wait_idle,
+                }
+            )
+        if args.paired:
+            rows: Iterable[dict[str, Any]] = run_paired(cases, args.repeats, args.wait_idle)
+        else:
+            rows = (row for case in cases for row in _subprocess(["--case", json.dumps(case)], args.threads))
+        for row in rows:
+            if "error" not in row and "tokens_per_s" in row and "skipped" not in machine:
+                _annotate(row, config, machine)
+            key = (row.get("bench"), row.get("length"), row.get("batch"))
+            if row.get("engine") == "transformers":
+                baseline[key] = row
+            elif key in baseline and "tokens_per_s" in row:
+                _compare(row, baseline[key])
+            print(json.dumps(row), flush=True)
     return 0
 
 

@@ -21,7 +21,14 @@ from .tokenizer import TokenizerError
 __all__ = ["chat_main", "generate_main"]
 
 CLI_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "max_new_tokens": 256}
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# auto: the fastest for this machine (checkpoint.auto_dtype); stored: each tensor as the checkpoint has it.
+_DTYPES = {
+    "auto": "auto",
+    "stored": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -40,7 +47,10 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
     parser.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default="auto", help="weights' dtype (auto: as stored)"
+        "--dtype",
+        choices=list(_DTYPES),
+        default="auto",
+        help="weights' dtype (auto: the fastest on this machine; stored: as in the checkpoint)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     return parser

@@ -225,8 +225,10 @@ def _decode_step_fn(compile: bool) -> Callable[..., torch.Tensor]:
 
     dynamic=None, not False: the cache's length (a Python int) and the attention width change every
     step, so a static graph would recompile every step until dynamo's recompile limit; automatic
-    dynamic shapes recompile once, at the second step, with the length symbolic. The MoE layers'
-    data-dependent expert loop breaks the graph, which makes a compiled MoE model slower than eager.
+    dynamic shapes recompile once, at the second step, with the length symbolic. The numba kernels'
+    calls and the MoE layers' data-dependent expert loop break the graph, and inside it `linear`
+    gives way to F.linear: compiled, the jamba-small step measured slower than eager
+    (docs/benchmarks.md).
     """
     global _compiled_decode_step
     if not compile:
@@ -290,6 +292,7 @@ def _plan(
     tokenizer: Tokenizer | None = None,
     compile: bool = False,
 ) -> _Plan:
+    """Check the keyword arguments of `generate` and `stream` (their one signature) into a _Plan."""
     vocab = model.config.vocab_size
     max_new_tokens = _integer("max_new_tokens", max_new_tokens)
     if max_new_tokens < 0:
@@ -482,57 +485,30 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    stop_strings: str | Sequence[str] | None = None,
-    tokenizer: Tokenizer | None = None,
     callback: Callable[[torch.Tensor], None] | None = None,
-    compile: bool = False,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """The prompts followed by their new tokens: (B, prompt_len + steps) int64, as transformers' generate.
 
     input_ids: (B, L) prompts, left-padded with `attention_mask` (1 token, 0 padding) when of unequal length.
-    do_sample: sample (after repetition_penalty, temperature, top_k, top_p, min_p); otherwise greedy,
-        as is temperature 0. repetition_penalty applies to greedy decoding too (as in transformers).
+    callback: called with each step's new tokens (B,).
+
+    Keyword arguments (checked, with their types and defaults, by `_plan`):
+    max_new_tokens (20); do_sample (False): sample (after repetition_penalty, temperature, top_k,
+        top_p, min_p); otherwise greedy, as is temperature 0. repetition_penalty applies to greedy
+        decoding too (as in transformers).
+    temperature (1.0), top_k (0: off), top_p (1.0), min_p (0.0), repetition_penalty (1.0: off).
     eos_token_id: an id or a list (default: the model config's); a sequence that produces one stops,
         and is padded with pad_token_id (default: the config's, else the first EOS) to the batch's end.
     seed: sample from a dedicated torch.Generator seeded so (the global RNG is left alone);
         or pass `generator`. With neither, sampling draws from the global RNG.
     stop_strings: a string or a list (empty: none); stop a sequence once its generated text contains
         one (needs `tokenizer`); the ids returned include the token that completed it.
-    callback: called with each step's new tokens (B,).
-    compile: run the decode step through torch.compile (same tokens; ~10 s of compilation on the
-        first call; faster per step on dense models, slower on MoE ones until the experts compile
-        without graph breaks).
+    compile: run the decode step through torch.compile (same tokens; compilation on the first call
+        costs seconds; docs/benchmarks.md has what it gains).
     """
     input_ids, mask = _check_inputs(model, input_ids, attention_mask)
-    plan = _plan(
-        model,
-        input_ids.device,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        seed=seed,
-        generator=generator,
-        stop_strings=stop_strings,
-        tokenizer=tokenizer,
-        compile=compile,
-    )
+    plan = _plan(model, input_ids.device, **kwargs)
     new = []
     for tokens in _loop(model, input_ids, mask, plan):
         new.append(tokens)

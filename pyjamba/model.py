@@ -39,6 +39,7 @@ _CPU_BF16_MATMUL = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 _ONEDNN_MIN_WEIGHT = 1 << 19  # float32 weights from this many elements up go through oneDNN
 _FEW_ROWS = 64  # 2 to this many rows: the weight as the left operand
 _BF16_ROWS = 4  # bfloat16 without native support: up to this many rows stay in bfloat16
+_QUERY_BLOCK = 512  # queries per attention call where a mask is needed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,17 +126,39 @@ class Attention(nn.Module):
             self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         )  # (B, Hkv, L, Dh)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        past = 0
         if cache is not None:
+            past = cache.length
             k, v = cache.update_kv(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
-        # No mask means plain causal attention over the whole of (new) keys.
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and length > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, L, Dh)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None and (past == 0 or length == 1):
+            # Plain causal attention: over the new keys alone, or one query that sees every key.
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=length > 1, enable_gqa=gqa
+            )  # (B, H, L, Dh)
+        else:
+            # A mask is needed (padding, or queries after a past): blocks of queries, each with the keys
+            # up to its last query, so that the mask (and the float copy SDPA makes of it) is at most
+            # _QUERY_BLOCK x S, not L x S (0.7 GB for 4096 new tokens after 28K).
+            blocks = []
+            for start in range(0, length, _QUERY_BLOCK):
+                end = min(length, start + _QUERY_BLOCK)
+                keys = past + end
+                if mask is None:  # no padding: causal, aligned to the last key
+                    block_mask = torch.ones(end - start, keys, dtype=torch.bool, device=x.device)
+                    block_mask = block_mask.tril(past + start)  # (L', S')
+                else:
+                    block_mask = mask[:, :, start:end, :keys]  # (B, 1, L', S')
+                blocks.append(
+                    F.scaled_dot_product_attention(
+                        q[:, :, start:end],
+                        k[:, :, :keys],
+                        v[:, :, :keys],
+                        attn_mask=block_mask,
+                        enable_gqa=gqa,
+                    )
+                )  # (B, H, L', Dh)
+            out = torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]  # (B, H, L, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -285,7 +308,11 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts, their weights stacked: gate/up (E, I, D), down (E, D, I)."""
+    """E SwiGLU experts, their weights stacked: gate/up (E, I, D), down (E, D, I).
+
+    Two routes to the same sum: `grouped` (a prompt: tokens sorted by expert, each expert run once on
+    all its rows) and `gathered` (a few tokens: each (token, expert) pair on that expert's weights).
+    """
 
     def __init__(self, config: JambaConfig) -> None:
         super().__init__()
@@ -295,9 +322,14 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x (T, D); weights and index (T, K): the sum over each token's K experts, weighted."""
-        if x.shape[0] == 1:
-            return self.one_token(x, weights, index)
+        """x (T, D); weights and index (T, K): the sum over each token's K experts, weighted.
+
+        `gathered` while (token, expert) pairs seldom share an expert: for one token (none can), and
+        for up to E/4 pairs; beyond that, reading each shared expert once (`grouped`) wins, despite
+        its sort and scatter (measured on a CPU: docs/benchmarks.md).
+        """
+        if x.shape[0] == 1 or 4 * index.numel() <= self.gate_proj.shape[0]:
+            return self.gathered(x, weights, index)
         return self.grouped(x, weights, index)
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -323,17 +355,22 @@ class Experts(nn.Module):
             start += count
         return out
 
-    def one_token(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """`grouped` for a single token (decoding one sequence): its K experts in turn, no sort or scatter.
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """`grouped` for a few tokens: each token's K experts in turn, on views of their weights.
 
-        Gathering the routed experts' weights into a (T*K, I, D) batch, as GPU decoders do, copies
-        6 MB per expert here and measured 3-10x slower on a CPU than either path (docs/benchmarks.md).
+        No sort, no scatter, no copy of the routed experts' weights: gathering them into a
+        (T*K, I, D) batch for one bmm, as GPU decoders do, copies every routed weight before reading
+        it again, and measured slower on a CPU (docs/benchmarks.md).
         """
-        out = None
-        for e, w in zip(index[0].tolist(), weights[0], strict=True):
-            h = self.expert(e, x) * w  # (1, D)
-            out = h if out is None else out.add_(h)
-        return out
+        rows = []
+        for t, experts in enumerate(index.tolist()):
+            h = x[t : t + 1]  # (1, D)
+            out = None
+            for e, w in zip(experts, weights[t], strict=True):
+                y = self.expert(e, h) * w  # (1, D)
+                out = y if out is None else out.add_(y)
+            rows.append(out)
+        return torch.cat(rows) if len(rows) > 1 else rows[0]  # (T, D)
 
 
 class SparseMoE(nn.Module):
@@ -422,13 +459,11 @@ def _masks(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The attention mask (B, 1, L, S) bool and the Mamba padding mask (B, L, 1) for L new tokens.
 
-    None where plain causal attention is right: no padding, and either no past or a single token.
+    None where there is no padding: causal attention, the new tokens after the past ones, is implied
+    (`Attention` builds what it needs of that mask itself, a block at a time).
     """
     if attention_mask is None:
-        if past == 0 or length == 1:
-            return None, None
-        causal = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(past)
-        return causal[None, None], None
+        return None, None
     total = past + length
     if attention_mask.dim() != 2 or attention_mask.shape[1] != total:
         raise ValueError(

@@ -156,11 +156,14 @@ def _split_at_stop(text: str, stop: list[str], final: bool = False) -> tuple[str
 def load(
     source: str | os.PathLike | None = None,
     *,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "auto",
     device: torch.device | str = "cpu",
     kernels: str = "auto",
 ) -> TextGenerator:
-    """Model, tokenizer and generation defaults from a folder, a Hub repo id, or the shipped model."""
+    """Model, tokenizer and generation defaults from a folder, a Hub repo id, or the shipped model.
+
+    dtype: "auto" the fastest for this machine (`checkpoint.auto_dtype`), None as stored, or a dtype.
+    """
     folder = resolve_model(source)
     model = JambaForCausalLM.from_pretrained(folder, dtype=dtype, device=device, kernels=kernels)
     tokenizer = Tokenizer.from_pretrained(folder)

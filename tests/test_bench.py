@@ -47,8 +47,8 @@ def _meta_model(config):
         return JambaForCausalLM(config)
 
 
-def _run(tmp_path, capsys, engines: str) -> list[dict]:
-    argv = ["bench", "--model-preset", "jamba-tiny", "--lengths", "16", "--batches", "1", "2"]
+def _run(tmp_path, capsys, engines: str, *extra: str) -> list[dict]:
+    argv = ["bench", "--model-preset", "jamba-tiny", "--lengths", "16", "--batches", "1", "2", *extra]
     argv += ["--decode-prompt", "8", "--decode-steps", "2", "--repeats", "1", "--variants", "hybrid"]
     argv += ["--engines", engines, "--no-machine", "--checkpoint-dir", str(tmp_path)]
     assert pyjamba_main(argv) == 0
@@ -58,8 +58,9 @@ def _run(tmp_path, capsys, engines: str) -> list[dict]:
     return [row for row in rows if row["bench"] in ("prefill", "decode")]
 
 
-def test_bench_verb_on_a_tiny_model(tmp_path, capsys):
-    measured = _run(tmp_path, capsys, "ours")
+@pytest.mark.parametrize("paired", [False, True])
+def test_bench_verb_on_a_tiny_model(tmp_path, capsys, paired):
+    measured = _run(tmp_path, capsys, "ours", *(["--paired"] if paired else []))
     assert [(row["bench"], row.get("length"), row.get("batch")) for row in measured] == [
         ("prefill", 16, None),
         ("decode", None, 1),
@@ -76,3 +77,16 @@ def test_bench_verb_compares_with_transformers(tmp_path, capsys):
     assert len(measured) == 6  # one length, two batch sizes, two engines
     assert [row["engine"] for row in measured] == ["transformers"] * 3 + ["ours"] * 3
     assert all(row["speed_vs_transformers"] > 0 for row in measured if row["engine"] == "ours")
+
+
+@pytest.mark.slow
+def test_paired_bench_alternates_the_engines(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    measured = _run(tmp_path, capsys, "ours,transformers", "--paired", "--dtype", "float32")
+    # Measurement by measurement, theirs then ours, each with its round-by-round times.
+    assert [(row["engine"], row["bench"]) for row in measured] == [
+        (engine, bench) for bench in ("prefill", "decode", "decode") for engine in ("transformers", "ours")
+    ]
+    assert all(row["paired"] and len(row["times_s"]) == 1 for row in measured)
+    ours = [row for row in measured if row["engine"] == "ours"]
+    assert all(row["speed_vs_transformers_round_median"] > 0 for row in ours)

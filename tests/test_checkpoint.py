@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from pyjamba.checkpoint import (
     CheckpointError,
+    auto_dtype,
+    cpu_has_native_bf16,
     from_hf,
     from_pretrained,
     parse_size,
@@ -163,6 +165,40 @@ def test_dtype_conversion_on_load_and_on_save(tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     _assert_same_state(from_pretrained(tmp_path / "bf16"), model)
     _assert_same_state(from_pretrained(tmp_path / "bf16", dtype="float32"), model.float())
+
+
+_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma {extra}\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert not cpu_has_native_bf16(_CPUINFO.format(extra="avx512f avx512bw"))
+    assert cpu_has_native_bf16(_CPUINFO.format(extra="avx512f avx512_bf16"))
+    assert cpu_has_native_bf16(_CPUINFO.format(extra="amx_tile amx_bf16"))
+    assert cpu_has_native_bf16("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")  # Arm
+    assert not cpu_has_native_bf16("")
+
+
+def test_auto_dtype_chooses_by_cpu_and_memory():
+    small = JambaConfig.from_preset("jamba-small")  # 77M parameters: 0.3 GB in float32
+    plenty = 64 * 2**30
+    assert auto_dtype(small, native_bf16=False, available_bytes=plenty) == torch.float32
+    assert auto_dtype(small, native_bf16=True, available_bytes=plenty) == torch.bfloat16
+    assert auto_dtype(small, "meta", native_bf16=False, available_bytes=plenty) == torch.bfloat16
+    # 3.2B parameters: 12.8 GB in float32, 6.4 GB in bfloat16.
+    big = JambaConfig.from_preset("jamba2-3b")
+    assert auto_dtype(big, native_bf16=False, available_bytes=24 * 2**30) == torch.float32
+    assert auto_dtype(big, native_bf16=False, available_bytes=12 * 2**30) == torch.bfloat16
+    # Too big even in bfloat16: float32 is no worse, and keeps the precision.
+    assert auto_dtype(big, native_bf16=False, available_bytes=4 * 2**30) == torch.float32
+    assert auto_dtype(small) in (torch.float32, torch.bfloat16)  # this machine's own answer
+
+
+@torch.no_grad()
+def test_load_with_dtype_auto(tmp_path):
+    model = random_model(ARCHS["moe"])
+    save_pretrained(model, tmp_path, dtype="bfloat16")
+    loaded = from_pretrained(tmp_path, dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {auto_dtype(model.config)}
 
 
 def _mapping_of(ptr: int) -> str | None:

@@ -6,8 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyjamba.model as model_module
 from pyjamba.config import JambaConfig
-from pyjamba.model import JambaForCausalLM, causal_conv, causal_conv_ref, causal_conv_update, linear
+from pyjamba.model import (
+    Experts,
+    JambaForCausalLM,
+    causal_conv,
+    causal_conv_ref,
+    causal_conv_update,
+    linear,
+)
 from pyjamba.testing import PARITY_CONFIGS, random_model, relative_error, to_transformers
 
 TOL = 1e-4  # float32, relative to the logits' norm
@@ -49,6 +57,24 @@ def test_chunked_prefill_matches_full_forward(parity_pair):
     cache = model.make_cache(batch_size=2)
     chunks = [model(ids[:, a:b], cache=cache).logits for a, b in ((0, 7), (7, 8), (8, 16), (16, 21))]
     assert relative_error(torch.cat(chunks, dim=1), expected) < TOL
+
+
+@torch.no_grad()
+def test_attention_in_query_blocks_matches_one_call(parity_pair, monkeypatch):
+    """Queries after a past, or under a padding mask, go through SDPA in blocks: the same logits."""
+    _, model, _ = parity_pair
+    ids = _ids(model.config, 2, 21)
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, :5] = 0
+    expected = model(ids).logits
+    expected_padded = model(ids, attention_mask=mask).logits
+    monkeypatch.setattr(model_module, "_QUERY_BLOCK", 3)
+    cache = model.make_cache(batch_size=2)
+    chunks = [model(ids[:, a:b], cache=cache).logits for a, b in ((0, 7), (7, 8), (8, 16), (16, 21))]
+    assert relative_error(torch.cat(chunks, dim=1), expected) < TOL
+    padded = model(ids, attention_mask=mask).logits
+    assert relative_error(padded[0], expected_padded[0]) < TOL
+    assert relative_error(padded[1, 5:], expected_padded[1, 5:]) < TOL
 
 
 @torch.no_grad()
@@ -263,15 +289,32 @@ def test_causal_conv_matches_conv1d(length, bias):
 
 
 @torch.no_grad()
-def test_one_token_experts_match_grouped():
-    model = random_model(PARITY_CONFIGS["jamba-pattern-8"])
-    moe = next(layer.feed_forward for layer in model.model.layers if layer.is_moe)
-    x = torch.randn(1, model.config.hidden_size)
-    probs = torch.softmax(moe.router(x), dim=-1)
-    weights, index = torch.topk(probs, moe.top_k, dim=-1)
-    expected = moe.experts.grouped(x, weights, index)
-    assert relative_error(moe.experts.one_token(x, weights, index), expected) < 1e-6
-    assert relative_error(moe.experts(x, weights, index), expected) < 1e-6
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("seed", range(6))
+def test_gathered_experts_match_grouped(dtype, tol, seed):
+    """The decoding route (each token's experts in turn) sums what the prompt route (sorted) sums."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=g))
+
+    num_experts = draw(2, 16)
+    config = JambaConfig(
+        vocab_size=64, hidden_size=8 * draw(1, 8), intermediate_size=8 * draw(1, 12),
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=num_experts, num_experts_per_tok=draw(1, num_experts),
+    )  # fmt: skip
+    experts = Experts(config).to(dtype)
+    for p in experts.parameters():
+        p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.1)
+    router = torch.randn(config.hidden_size, num_experts, generator=g, dtype=dtype)
+    for tokens in (1, draw(2, 5)):
+        x = torch.randn(tokens, config.hidden_size, generator=g, dtype=dtype)
+        probs = torch.softmax(x @ router, dim=-1)
+        weights, index = torch.topk(probs, config.num_experts_per_tok, dim=-1)
+        expected = experts.grouped(x, weights, index)
+        assert relative_error(experts.gathered(x, weights, index), expected) < tol
+        assert relative_error(experts(x, weights, index), expected) < tol
 
 
 @torch.no_grad()
