@@ -13,6 +13,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("pyjamba.cli:generate_main", "continue a prompt with a model, streaming the text"),
     "chat": ("pyjamba.cli:chat_main", "a multi-turn conversation with a model's chat template"),
     "bench": ("pyjamba.bench", "prefill and decode speed on the CPU, pyjamba against transformers"),
+    "serve": ("pyjamba.serve.cli", "an OpenAI-compatible HTTP server with continuous batching"),
     "train": (
         "pyjamba.train.cli",
         "train or fine-tune a model from a TOML recipe (torchrun for many processes)",

@@ -74,14 +74,15 @@ def test_chat_reset_and_exit(model_dir):
     ("args", "message"),
     [
         (("generate", "hi", "--model", "/nonexistent/model"), "no model folder at /nonexistent/model"),
-        (("generate", "hi"), "no model ships with this version"),
+        (("generate", "hi", "--model", "{model}/tokenizer.json"), "no model folder at"),
+        (("generate", "hi", "--model", "{empty}"), "no config.json"),
         (("generate", "hi", "--model", "{model}", "--temperature", "-1"), "temperature"),
         (("generate", "hi", "--model", "{model}", "--top-p", "1.5"), "top_p"),
         (("generate", "hi", "--model", "{model}", "--threads", "0"), "--threads must be at least 1"),
     ],
 )
-def test_errors_are_one_clear_line(model_dir, args, message):
-    result = _cli(*(a.format(model=model_dir) for a in args))
+def test_errors_are_one_clear_line(model_dir, tmp_path, args, message):
+    result = _cli(*(a.format(model=model_dir, empty=tmp_path) for a in args))
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr

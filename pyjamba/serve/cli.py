@@ -1,0 +1,189 @@
+"""`pyjamba serve`: a model folder as a local OpenAI-compatible endpoint.
+
+What a user can get wrong (no model folder, no tokenizer, a bad option) is checked before the server
+starts and reported in one line (exit code 2). The weights then load in the background while
+/health answers 503 "loading". SIGTERM or Ctrl-C drains: new requests get 503, running and queued
+ones finish (up to --shutdown-timeout seconds), then the process exits 0; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..config import ConfigError, JambaConfig
+from ..generate import GenerationConfig
+from ..model import JambaForCausalLM
+from ..pipeline import ModelNotFoundError, resolve_model
+from ..tokenizer import Tokenizer, TokenizerError
+from .app import Backend, ServerState, Settings, create_app
+from .engine import Engine
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+# As `pyjamba generate`: auto is the fastest for this machine (checkpoint.auto_dtype), stored as saved.
+_DTYPES = {
+    "auto": "auto",
+    "stored": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyjamba serve", description="Serve a Jamba model over an OpenAI-compatible HTTP API."
+    )
+    p.add_argument("--model", help="model folder or Hugging Face repo id (default: the shipped model)")
+    p.add_argument("--served-model-name", help="the name clients ask for (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=128, help="prompt tokens per prefill step (default 128)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="sequences waiting for a slot before 429 (default 64)"
+    )
+    p.add_argument(
+        "--max-context", type=int, help="prompt plus output tokens (default: max_position_embeddings)"
+    )
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (all routes but /health)")
+    p.add_argument("--cors-origins", help="comma-separated origins allowed by CORS (default: CORS off)")
+    p.add_argument("--max-body-mib", type=float, default=8.0, help="largest request body (default 8 MiB)")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM (default 30)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=list(_DTYPES),
+        default="auto",
+        help="weights' dtype (auto: the fastest on this machine; stored: as in the checkpoint)",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("port", "slots", "prefill_chunk", "max_queue", "max_context", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_context is not None and args.max_context < 2:
+        raise ValueError(f"--max-context must be at least 2, got {args.max_context}")
+    if not args.max_body_mib > 0:
+        raise ValueError(f"--max-body-mib must be positive, got {args.max_body_mib}")
+
+
+def _backend(folder: Path, tokenizer: Tokenizer, config: JambaConfig, args: argparse.Namespace) -> Backend:
+    """Load the weights and start nothing yet (the app starts the engine): runs in a background thread."""
+    model = JambaForCausalLM.from_pretrained(folder, dtype=_DTYPES[args.dtype])
+    engine = Engine(
+        model,
+        slots=args.slots,
+        prefill_chunk=args.prefill_chunk,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+    )
+    generation = GenerationConfig.from_pretrained(folder)
+    given = {k: getattr(generation, k) for k in _SAMPLING_DEFAULTS}
+    defaults = {k: v for k, v in given.items() if v != getattr(GenerationConfig, k)}
+    eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
+    if generation.eos_token_id is not None:
+        extra = generation.eos_token_id
+        eos |= {extra} if isinstance(extra, int) else set(extra)
+    name = args.served_model_name or folder.name
+    logger.info("serving %s from %s", name, folder)
+    return Backend(engine, tokenizer, name, defaults=defaults, stop_tokens=frozenset(eos))
+
+
+def _server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn.Server whose first SIGTERM/SIGINT drains the engine instead of closing at once."""
+
+        def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
+            super().__init__(config)
+            self.state = state
+            self.drain_timeout = drain_timeout
+            self.drain_deadline: float | None = None
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Not uvicorn's handler: it would re-raise the signal after shutdown (exit by signal, not 0).
+            if self.state.draining:
+                self.should_exit = self.force_exit = True
+                return
+            self.state.draining = True
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+
+        async def on_tick(self, counter: int) -> bool:
+            drained = self.state.draining and (
+                self.state.idle() or time.monotonic() > (self.drain_deadline or 0)
+            )
+            if drained or self.state.load_error is not None:
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer
+
+
+def main(argv: list[str]) -> int:
+    """`pyjamba serve [--model DIR] [--port N] ...`."""
+    args = _parser().parse_args(argv)
+    try:
+        _check(args)
+        folder = resolve_model(args.model)
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{folder}: no config.json (a model folder holds config.json and weights)")
+        config = JambaConfig.from_pretrained(folder)
+        tokenizer = Tokenizer.from_pretrained(folder)
+        GenerationConfig.from_pretrained(folder)  # a broken generation_config.json fails here, not later
+    except (ModelNotFoundError, CheckpointError, ConfigError, TokenizerError, ValueError) as exc:
+        print(f"pyjamba serve: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    import uvicorn
+
+    origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
+    settings = Settings(
+        api_key=args.api_key, cors_origins=origins, max_body_bytes=int(args.max_body_mib * 2**20)
+    )
+    app = create_app(lambda: _backend(folder, tokenizer, config, args), settings)
+    state: ServerState = app.state.server
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level in ("debug", "info"),
+        timeout_graceful_shutdown=5,
+    )
+    server = _server_class()(uv_config, state, args.shutdown_timeout)
+    print(
+        f"pyjamba serve: {folder} on http://{args.host}:{args.port}/v1 ({args.slots} slots)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind the port
+        return int(exc.code or 1)
+    if state.load_error is not None:
+        print(f"pyjamba serve: error: could not load the model: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0
