@@ -121,8 +121,8 @@ the same recipe, data order and budget (steps and tokens), only their layer patt
 
 Perplexity over 256-token windows measures short-range language modelling after a small budget (under
 one epoch here); it does not test the recall over long contexts that Jamba's attention layers are
-there for. Attention here has no positional encoding, as in Jamba, which is why the pure
-Transformer, with nothing else to tell positions apart, learns slowest.
+there for. Attention has no positional encoding, as in Jamba: a pure Transformer then infers
+order from the causal mask alone, the likely reason it learns slowest at this budget.
 """
 
 
