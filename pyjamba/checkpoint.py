@@ -51,6 +51,7 @@ __all__ = [
     "from_hf",
     "from_pretrained",
     "parse_size",
+    "replace_folder",
     "save_pretrained",
     "to_hf",
 ]
@@ -606,14 +607,14 @@ def save_pretrained(
                 if not _MODEL_FILE.fullmatch(entry.name):
                     _link_or_copy(entry, tmp / entry.name)
         _fsync(tmp)
-        _replace(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("saved %s: %d tensors in %d file(s), %s", folder, len(hf), n, saved_dtype)
 
 
-def _replace(new: Path, folder: Path) -> None:
+def replace_folder(new: Path, folder: Path) -> None:
     """Rename `new` to `folder`; an existing `folder` is moved aside first and deleted after.
 
     A model loaded from `folder` keeps working: its mapped files stay readable until it lets them go.

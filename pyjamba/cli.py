@@ -22,7 +22,7 @@ __all__ = ["chat_main", "generate_main"]
 
 CLI_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "max_new_tokens": 256}
 # auto: the fastest for this machine (checkpoint.auto_dtype); stored: each tensor as the checkpoint has it.
-_DTYPES = {
+DTYPE_CHOICES = {
     "auto": "auto",
     "stored": None,
     "float32": torch.float32,
@@ -48,7 +48,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
     parser.add_argument(
         "--dtype",
-        choices=list(_DTYPES),
+        choices=list(DTYPE_CHOICES),
         default="auto",
         help="weights' dtype (auto: the fastest on this machine; stored: as in the checkpoint)",
     )
@@ -80,7 +80,7 @@ def _load(args: argparse.Namespace) -> TextGenerator:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=_DTYPES[args.dtype])
+    return load(args.model, dtype=DTYPE_CHOICES[args.dtype])
 
 
 def _run(body: Callable[[], int], prog: str) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "generate",
     "prefill",
     "stream",
+    "warp",
 ]
 
 
@@ -149,6 +150,19 @@ def apply_min_p(scores: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1)
 
 
 # ---- stop strings -----------------------------------------------------------------------------
+
+
+def warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering, in transformers' order; neutral values skip."""
+    if temperature != 1.0:
+        scores = apply_temperature(scores, temperature)
+    if top_k > 0:
+        scores = apply_top_k(scores, top_k)
+    if top_p < 1.0:
+        scores = apply_top_p(scores, top_p)
+    if min_p > 0.0:
+        scores = apply_min_p(scores, min_p)
+    return scores
 
 
 class Tokenizer(Protocol):
@@ -402,14 +416,7 @@ def _next_tokens(logits: torch.Tensor, seen: torch.Tensor | None, plan: _Plan) -
         scores = apply_repetition_penalty(scores, seen, plan.repetition_penalty)
     if not plan.sample:
         return scores.argmax(dim=-1)
-    if plan.temperature != 1.0:
-        scores = apply_temperature(scores, plan.temperature)
-    if plan.top_k > 0:
-        scores = apply_top_k(scores, plan.top_k)
-    if plan.top_p < 1.0:
-        scores = apply_top_p(scores, plan.top_p)
-    if plan.min_p > 0.0:
-        scores = apply_min_p(scores, plan.min_p)
+    scores = warp(scores, plan.temperature, plan.top_k, plan.top_p, plan.min_p)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=plan.generator).squeeze(1)
 

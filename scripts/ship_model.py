@@ -19,6 +19,7 @@ from typing import Any
 
 from pyjamba.accounting import active_params, total_params
 from pyjamba.config import JambaConfig
+from pyjamba.data.files import atomic_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = (
@@ -141,11 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     main_run = describe(args.run)
     others = [describe(r) for r in args.compare]
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_folder(args.out) as tmp:
+        _write(tmp, args.run, main_run, others)
+    size = sum(f.stat().st_size for f in args.out.iterdir())
+    print(json.dumps({"out": str(args.out), "bytes": size, "val_ppl": main_run["val_ppl"]}))
+    return 0
+
+
+def _write(tmp: Path, run: Path, main_run: dict[str, Any], others: list[dict[str, Any]]) -> None:
+    """The shipped folder's files: the run's model and tokenizer, generation defaults, the card."""
     for name in FILES:
-        shutil.copyfile(args.run / "model" / name, tmp / name)
+        shutil.copyfile(run / "model" / name, tmp / name)
     c = main_run["config"]
     generation = {
         **GENERATION,
@@ -155,12 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (tmp / "README.md").write_text(card(main_run, others))
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    tmp.rename(args.out)
-    size = sum(f.stat().st_size for f in args.out.iterdir())
-    print(json.dumps({"out": str(args.out), "bytes": size, "val_ppl": main_run["val_ppl"]}))
-    return 0
 
 
 if __name__ == "__main__":

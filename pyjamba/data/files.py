@@ -12,9 +12,10 @@ import hashlib
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from ..checkpoint import replace_folder
 
 __all__ = ["DataError", "atomic_folder", "atomic_write_text", "sha256_file", "text_files"]
 
@@ -89,17 +90,7 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; this is data to share
         yield tmp
-        if folder.exists():
-            aside = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(folder, aside)
-            try:
-                os.rename(tmp, folder)
-            except BaseException:
-                os.rename(aside, folder)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

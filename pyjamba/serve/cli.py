@@ -18,6 +18,7 @@ from types import FrameType
 import torch
 
 from ..checkpoint import CheckpointError
+from ..cli import DTYPE_CHOICES
 from ..config import ConfigError, JambaConfig
 from ..generate import GenerationConfig
 from ..model import JambaForCausalLM
@@ -30,14 +31,6 @@ __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-# As `pyjamba generate`: auto is the fastest for this machine (checkpoint.auto_dtype), stored as saved.
-_DTYPES = {
-    "auto": "auto",
-    "stored": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 _SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -67,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=list(_DTYPES),
+        choices=list(DTYPE_CHOICES),
         default="auto",
         help="weights' dtype (auto: the fastest on this machine; stored: as in the checkpoint)",
     )
@@ -89,7 +82,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _backend(folder: Path, tokenizer: Tokenizer, config: JambaConfig, args: argparse.Namespace) -> Backend:
     """Load the weights and start nothing yet (the app starts the engine): runs in a background thread."""
-    model = JambaForCausalLM.from_pretrained(folder, dtype=_DTYPES[args.dtype])
+    model = JambaForCausalLM.from_pretrained(folder, dtype=DTYPE_CHOICES[args.dtype])
     engine = Engine(
         model,
         slots=args.slots,

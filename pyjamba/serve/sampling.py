@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p
+from ..generate import apply_repetition_penalty, warp
 
 __all__ = ["Sampler", "SamplingParams", "TokenLogprob", "logprobs_of"]
 
@@ -95,14 +95,7 @@ class Sampler:
             )
         if not self.sample:
             return int(scores.argmax(dim=-1))
-        if p.temperature != 1.0:
-            scores = apply_temperature(scores, p.temperature)
-        if p.top_k > 0:
-            scores = apply_top_k(scores, p.top_k)
-        if p.top_p < 1.0:
-            scores = apply_top_p(scores, p.top_p)
-        if p.min_p > 0.0:
-            scores = apply_min_p(scores, p.min_p)
+        scores = warp(scores, p.temperature, p.top_k, p.top_p, p.min_p)
         probs = torch.softmax(scores, dim=-1).cpu()
         return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
 
