@@ -40,28 +40,11 @@ from pyjamba.bench import wait_idle
 
 def _checkpoint(preset: str, folder: Path) -> Path:
     """A random-weight checkpoint of a preset with the tiny test tokenizer (its vocabulary size)."""
-    import torch
-
-    from pyjamba.config import JambaConfig
-    from pyjamba.model import JambaForCausalLM
-    from pyjamba.testing import tiny_tokenizer
-    from pyjamba.tokenizer import Tokenizer
+    from pyjamba.testing import tiny_model_folder
 
     if (folder / "config.json").is_file():
         return folder
-    tiny_tokenizer(folder)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    config = JambaConfig.from_preset(preset).replace(
-        vocab_size=tokenizer.vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = JambaForCausalLM(config)
-    model.init_weights()
-    model.save_pretrained(folder)
-    return folder
+    return tiny_model_folder(folder, preset)
 
 
 def _free_port() -> int:

@@ -13,7 +13,14 @@ import torch
 from .config import JambaConfig
 from .model import JambaForCausalLM
 
-__all__ = ["PARITY_CONFIGS", "random_model", "relative_error", "tiny_tokenizer", "to_transformers"]
+__all__ = [
+    "PARITY_CONFIGS",
+    "random_model",
+    "relative_error",
+    "tiny_model_folder",
+    "tiny_tokenizer",
+    "to_transformers",
+]
 
 _BASE = dict(
     vocab_size=97,
@@ -180,4 +187,27 @@ def tiny_tokenizer(
         config["chat_template"] = chat_template
     text_config = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
     (folder / "tokenizer_config.json").write_text(text_config, encoding="utf-8")
+    return folder
+
+
+def tiny_model_folder(folder: str | Path, preset: str = "jamba-tiny", seed: int = 0, **config_fields) -> Path:
+    """A random-weight model folder of a preset with the `tiny_tokenizer` (its vocabulary and special ids).
+
+    `config_fields` replace further config fields (e.g. max_position_embeddings).
+    """
+    from .tokenizer import Tokenizer
+
+    folder = tiny_tokenizer(folder)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    config = JambaConfig.from_preset(preset).replace(
+        vocab_size=tokenizer.vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config_fields,
+    )
+    torch.manual_seed(seed)
+    model = JambaForCausalLM(config)
+    model.init_weights()
+    model.save_pretrained(folder)
     return folder

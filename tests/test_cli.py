@@ -6,32 +6,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from pyjamba.config import JambaConfig
-from pyjamba.model import JambaForCausalLM
 from pyjamba.pipeline import _split_at_stop, load
-from pyjamba.testing import tiny_tokenizer
-from pyjamba.tokenizer import Tokenizer
+from pyjamba.testing import tiny_model_folder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Jamba with a real byte-level BPE tokenizer and a chat template."""
-    folder = tmp_path_factory.mktemp("tiny-jamba")
-    tiny_tokenizer(folder)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    config = JambaConfig.from_preset("jamba-tiny").replace(
-        vocab_size=tokenizer.vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = JambaForCausalLM(config)
-    model.init_weights()
-    model.save_pretrained(folder)
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-jamba"))
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -12,14 +12,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from pyjamba.config import JambaConfig
 from pyjamba.generate import generate
 from pyjamba.model import JambaForCausalLM
 from pyjamba.pipeline import load
 from pyjamba.serve.app import Backend, Settings, create_app
 from pyjamba.serve.engine import Engine, Sequence
 from pyjamba.serve.sampling import SamplingParams
-from pyjamba.testing import tiny_tokenizer
+from pyjamba.testing import tiny_model_folder
 from pyjamba.tokenizer import Tokenizer
 
 NEVER_EOS = {"2": -100}  # logit_bias keeping the tiny model from stopping early
@@ -35,21 +34,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-serve")
-    tiny_tokenizer(folder)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    config = JambaConfig.from_preset("jamba-tiny").replace(
-        vocab_size=tokenizer.vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    model = JambaForCausalLM(config)
-    model.init_weights()
-    model.save_pretrained(folder)
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-serve"), max_position_embeddings=128)
 
 
 def _backend(folder, **engine_kwargs) -> Backend:

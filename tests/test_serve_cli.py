@@ -16,13 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from pyjamba.config import JambaConfig
-from pyjamba.model import JambaForCausalLM
 from pyjamba.pipeline import SHIPPED_MODEL, load
-from pyjamba.testing import tiny_tokenizer
-from pyjamba.tokenizer import Tokenizer
+from pyjamba.testing import tiny_model_folder
 
 openai = pytest.importorskip("openai")
 
@@ -31,20 +27,7 @@ NEVER_EOS = {"2": -100}  # keeps the random model from ending early, so lengths 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-serve-cli")
-    tiny_tokenizer(folder)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    config = JambaConfig.from_preset("jamba-tiny").replace(
-        vocab_size=tokenizer.vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = JambaForCausalLM(config)
-    model.init_weights()
-    model.save_pretrained(folder)
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-serve-cli"))
 
 
 def _free_port() -> int:
