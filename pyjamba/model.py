@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import nn
 
 from .cache import HybridCache
 from .config import JambaConfig
-from .kernels import Kernels, resolve_kernels
+from .kernels import Kernels, loaded_gemv, resolve_kernels
 
 __all__ = ["CausalLMOutput", "Jamba", "JambaForCausalLM", "linear", "load_balancing_loss"]
 
@@ -39,6 +40,7 @@ _CPU_BF16_MATMUL = _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 _ONEDNN_MIN_WEIGHT = 1 << 19  # float32 weights from this many elements up go through oneDNN
 _FEW_ROWS = 64  # 2 to this many rows: the weight as the left operand
 _BF16_ROWS = 4  # bfloat16 without native support: up to this many rows stay in bfloat16
+_GEMV_ROWS = 4  # float32, up to this many rows: the numba matrix-vector product, when loaded
 _QUERY_BLOCK = 512  # queries per attention call where a mask is needed
 
 
@@ -47,10 +49,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Inference only (autograd, compilation and other devices take F.linear). x (..., in) has `rows`
     rows in all (tokens times sequences):
-    - float32, one row (decoding one sequence): oneDNN's inner product for weights of
-      `_ONEDNN_MIN_WEIGHT` elements or more. MKL's matrix-vector product runs on one core: the
-      65536 x 512 head takes 11 ms there against 7 ms in oneDNN; for small weights oneDNN's fixed
-      cost (~50 us) loses, and F.linear is kept.
+    - float32, up to `_GEMV_ROWS` rows, once the numba kernels are loaded (`kernels.loaded_gemv`):
+      their matrix-vector product, which streams the weight at ~23 GB/s where MKL and oneDNN reach
+      11-19 GB/s for the model's shapes (the 65536 x 512 head: 5.8 ms against 7 in oneDNN, 11 in MKL).
+    - float32, one row, without numba: oneDNN's inner product for weights of
+      `_ONEDNN_MIN_WEIGHT` elements or more. MKL's matrix-vector product runs on one core; for
+      small weights oneDNN's fixed cost (~50 us) loses, and F.linear is kept.
     - float32, 2 to `_FEW_ROWS` rows (decoding a batch): weight @ x^T, transposed back. MKL
       parallelises over the weight's rows and streams it once: 2-3x faster than x @ weight^T
       (1024 x 512 weight, 4 rows: 0.16 ms against 0.40 in MKL and 0.30 in oneDNN).
@@ -71,6 +75,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return linear(x.float(), weight.float(), bias32).to(x.dtype)
     if weight.dtype != torch.float32 or rows == 0:
         return F.linear(x, weight, bias)
+    if rows <= _GEMV_ROWS and x.dtype == torch.float32 and (gemv := loaded_gemv()) is not None:
+        return gemv(x, weight, bias)
     if 2 <= rows <= _FEW_ROWS:
         # MKL wants x^T as a transposed row-major x, hence the row-major input and output.
         flat = x.reshape(rows, x.shape[-1]).contiguous().t()  # (in, rows)
@@ -189,6 +195,7 @@ class MambaMixer(nn.Module):
         self.dt_layernorm = RMSNorm(r, config.rms_norm_eps)
         self.b_layernorm = RMSNorm(n, config.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, config.rms_norm_eps)
+        self._a_log2: tuple[tuple[int, int, int], torch.Tensor] | None = None
 
     def forward(
         self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache | None
@@ -246,6 +253,28 @@ class MambaMixer(nn.Module):
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
         )  # fmt: skip
         return self.out_proj(y.to(dtype))[:, None]  # (B, 1, D)
+
+    def fused_step(self, x: torch.Tensor, norm: RMSNorm, cache: HybridCache) -> torch.Tensor:
+        """x + self(norm(x)) for one token per sequence, x (B, D) float32, by `kernels.decode`: what
+        `norm`, then `step`, compute, in one call."""
+        weights = (
+            norm.weight, self.in_proj.weight, self.in_proj.bias, self.conv1d.weight, self.conv1d.bias,
+            self.x_proj.weight, self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight,
+            self.dt_proj.weight, self.dt_proj.bias, self.a_log2(), self.D, self.out_proj.weight, self.out_proj.bias,
+        )  # fmt: skip
+        return self.kernels.decode.mamba_step(
+            self, x, norm.eps, weights, cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx]
+        )
+
+    def a_log2(self) -> torch.Tensor:
+        """A log2(e) = -exp(A_log) log2(e) in float32 (ED, N), as the fused kernels use it; kept until
+        A_log changes (in place or replaced), since a decoding step would otherwise spend more on it than
+        on the SSM update."""
+        key = (id(self.A_log), self.A_log.data_ptr(), self.A_log._version)
+        if self._a_log2 is None or self._a_log2[0] != key:
+            a = -torch.exp(self.A_log.detach().double())
+            self._a_log2 = (key, (a * math.log2(math.e)).float().contiguous())
+        return self._a_log2[1]
 
     def _dt_b_c(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_proj, split into dt (R), B (N), C (N), each RMS-normed."""
@@ -305,6 +334,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fused_step(self, x: torch.Tensor, norm: RMSNorm, decode: ModuleType) -> torch.Tensor:
+        """x + self(norm(x)) for x (B, D) float32, in one call of the fused decode kernels."""
+        weights = (norm.weight, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        return decode.mlp_step(self, x, norm.eps, weights)
 
 
 class Experts(nn.Module):
@@ -392,6 +426,14 @@ class SparseMoE(nn.Module):
         out = self.experts(flat, weights.to(x.dtype), index)
         return out.view(batch, length, d), logits
 
+    def fused_step(
+        self, x: torch.Tensor, norm: RMSNorm, decode: ModuleType
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + self(norm(x)) for x (B, D) float32, and the router logits, in one call of the fused kernels."""
+        experts = self.experts
+        weights = (norm.weight, self.router.weight, experts.gate_proj, experts.up_proj, experts.down_proj)
+        return decode.moe_step(self, x, norm.eps, weights, self.top_k)
+
 
 class Layer(nn.Module):
     """Pre-norm residual block: a mixer (attention or Mamba), then a feed-forward (MLP or MoE)."""
@@ -407,6 +449,8 @@ class Layer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.feed_forward = SparseMoE(config) if self.is_moe else MLP(config)
+        self.layer_idx = layer_idx
+        self.kernels = kernels
 
     def forward(
         self,
@@ -415,6 +459,9 @@ class Layer(nn.Module):
         pad_mask: torch.Tensor | None,
         cache: HybridCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        decode = self._fused_decode(x, pad_mask, cache)
+        if decode is not None:
+            return self._fused_step(x, attn_mask, cache, decode)
         h = self.input_layernorm(x)
         if self.kind == "attention":
             h = self.self_attn(h, attn_mask, cache)
@@ -428,6 +475,38 @@ class Layer(nn.Module):
         else:
             h = self.feed_forward(h)
         return x + h, router_logits
+
+    def _fused_decode(
+        self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache | None
+    ) -> ModuleType | None:
+        """The fused decode kernels if this call is one they take: one new token per sequence after a
+        past, no padding among the new tokens, float32 on CPU, no autograd (`decode.supported`)."""
+        decode = self.kernels.decode
+        if decode is None or cache is None or x.shape[1] != 1 or cache.length == 0 or pad_mask is not None:
+            return None
+        if self.kind == "mamba" and not all(
+            s[self.layer_idx].is_contiguous() and s[self.layer_idx].dtype == torch.float32
+            for s in (cache.conv_states, cache.ssm_states)
+        ):
+            return None
+        return decode if decode.supported(x) else None
+
+    def _fused_step(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: HybridCache, decode: ModuleType
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` for one token per sequence through the fused kernels (attention stays eager)."""
+        batch, _, dim = x.shape
+        flat = x.reshape(batch, dim)
+        if self.kind == "attention":
+            flat = flat + self.self_attn(self.input_layernorm(x), attn_mask, cache).reshape(batch, dim)
+        else:
+            flat = self.mamba.fused_step(flat, self.input_layernorm, cache)
+        router_logits = None
+        if self.is_moe:
+            flat, router_logits = self.feed_forward.fused_step(flat, self.pre_ff_layernorm, decode)
+        else:
+            flat = self.feed_forward.fused_step(flat, self.pre_ff_layernorm, decode)
+        return flat.view(batch, 1, dim), router_logits
 
 
 class Jamba(nn.Module):
@@ -558,6 +637,7 @@ class JambaForCausalLM(nn.Module):
         """Switch every Mamba mixer to other kernels (e.g. the reference, for testing)."""
         self.kernels = resolve_kernels(kernels)
         for layer in self.model.layers:
+            layer.kernels = self.kernels
             if layer.kind == "mamba":
                 layer.mamba.kernels = self.kernels
 

@@ -6,22 +6,26 @@ choice; asking for a kernel that cannot run raises, it never falls back silently
     reference  reference.py: the spec, a loop over L in PyTorch
     torch      chunked.py: chunked scan in PyTorch, differentiable; any device
     numba      fused.py: one fused pass compiled by numba, CPU only, forward only (under autograd and for
-               float64 it hands the call to the chunked scan); needs the `numba` package
+               float64 it hands the call to the chunked scan); needs the `numba` package. With it come
+               decode.py's fused one-token sublayers (`Kernels.decode`), which the model uses for
+               float32 decoding on CPU without autograd.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
 from . import chunked, reference
 
-__all__ = ["KERNEL_NAMES", "Kernels", "numba_unavailable", "resolve_kernels"]
+__all__ = ["KERNEL_NAMES", "Kernels", "loaded_gemv", "numba_unavailable", "resolve_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +34,13 @@ KERNEL_NAMES = ("auto", "torch", "numba", "reference")
 
 @dataclass(frozen=True)
 class Kernels:
-    """A named pair: the full-sequence selective scan and the one-token state update."""
+    """A named pair, the full-sequence selective scan and the one-token state update, and optionally
+    the fused decoding sublayers (the `decode` module: `mamba_step`, `mlp_step`, `moe_step`, `gemv`)."""
 
     name: str
     selective_scan: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     selective_state_update: Callable[..., torch.Tensor]
+    decode: Any = None
 
 
 _REGISTRY = {
@@ -65,7 +71,15 @@ def _numba_kernels() -> Kernels:
     fused = _fused()
     seconds = fused.compile_kernels()
     logger.info("numba kernels compiled or loaded in %.1f s", seconds)
-    return Kernels("numba", fused.selective_scan, fused.selective_state_update)
+    decode = importlib.import_module(f"{__name__}.decode")
+    return Kernels("numba", fused.selective_scan, fused.selective_state_update, decode)
+
+
+def loaded_gemv() -> Callable[..., torch.Tensor] | None:
+    """decode.py's matrix-vector product once the numba kernels are loaded in this process, else None
+    (`model.linear` multiplies a few float32 rows with it; it never imports numba itself)."""
+    decode = sys.modules.get(f"{__name__}.decode")
+    return None if decode is None else decode.gemv
 
 
 def resolve_kernels(name: str | Kernels = "auto", device: torch.device | str | None = None) -> Kernels:

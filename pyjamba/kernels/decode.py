@@ -1,0 +1,311 @@
+"""Fused one-token decoding on a CPU: a Mamba sublayer, a SwiGLU MLP, a MoE and a matrix-vector
+product, each one numba call. Their readable twins are `MambaMixer.step`, `MLP` and `SparseMoE` in
+model.py (the eager path), held together by tests/test_decode_kernels.py.
+
+Why (jamba-small, float32, batch 1, 2-core AVX2 CPU; docs/benchmarks.md): a decoding step reads
+0.26 GB of weights, 9.5 ms at the machine's 27 GB/s. Eagerly it took 26 ms: the projections ran at
+13-19 GB/s (MKL's and oneDNN's matrix-vector products for these shapes), and ~60 small tensor
+operations per layer cost ~10 ms of dispatch. Here each sublayer is one call that reads each
+weight once at ~23 GB/s, and does everything between the projections (norms, conv, SSM update,
+gating, routing, residual) on vectors that stay in cache.
+
+Shapes: x is (B, D), B a handful of sequences; weights are nn.Linear's (out, in), experts stacked
+(E, I, D) and (E, D, I). Each call returns x plus the sublayer's output, a new array: the residual
+stream is never written in place. The Mamba call advances the conv and SSM states in place.
+
+Parallelism: `threads` contiguous runs of output rows (a projection's rows are independent), one
+parallel region per projection; the few serial steps between them (RMS norms, routing) touch
+vectors of a few hundred floats. Dot products are vectorised with reassociation allowed, like any
+BLAS: the sums differ from the eager path's by float32 rounding (tests hold them to 1e-5).
+
+Only float32 on CPU without autograd; anything else takes the eager path (`supported`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .fused import _exp, _exp2_product, _set_threads, _silu, _softplus
+
+__all__ = ["gemv", "mamba_step", "mlp_step", "moe_step", "supported"]
+
+_F32 = np.float32
+_ZERO = _F32(0.0)
+_LOG2E = 1.4426950408889634
+_OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+_EMPTY = np.zeros(0, np.float32)
+
+
+@njit(fastmath={"contract", "reassoc"}, cache=True)
+def _dot(a, b):  # type: ignore[no-untyped-def]
+    """sum(a * b) over two float32 vectors; reassociation lets LLVM keep vector partial sums."""
+    acc = _ZERO
+    for j in range(a.shape[0]):
+        acc += a[j] * b[j]
+    return acc
+
+
+@njit(inline="always")
+def _span(rows, t, threads):  # type: ignore[no-untyped-def]
+    """Thread t's run [lo, hi) of `rows` rows."""
+    return rows * t // threads, rows * (t + 1) // threads
+
+
+@njit(inline="always")
+def _rms_norm(x, weight, eps, out):  # type: ignore[no-untyped-def]
+    """out = x / sqrt(mean(x^2) + eps) * weight, one vector (RMSNorm in float32)."""
+    scale = _F32(1.0) / np.sqrt(_dot(x, x) / _F32(x.shape[0]) + eps)
+    for j in range(x.shape[0]):
+        out[j] = x[j] * scale * weight[j]
+
+
+@njit(parallel=True, **_OPTIONS)
+def _gemv(w, bias, x, y, threads):  # type: ignore[no-untyped-def]
+    """y (B, out) = x (B, in) @ w (out, in)^T (+ bias): each row of w read once, for every x."""
+    has_bias = bias.shape[0] > 0
+    for t in prange(threads):
+        lo, hi = _span(w.shape[0], t, threads)
+        for i in range(lo, hi):
+            for b in range(x.shape[0]):
+                y[b, i] = _dot(w[i], x[b]) + (bias[i] if has_bias else _ZERO)
+
+
+@njit(parallel=True, **_OPTIONS)
+def _mamba(  # type: ignore[no-untyped-def]
+    x, norm_w, eps, in_w, in_b, conv_w, conv_b, conv_state, x_w, dt_norm_w, b_norm_w, c_norm_w,
+    dt_w, dt_b, a2, D, h, out_w, out_b, threads,
+):  # fmt: skip
+    """x + MambaMixer(RMSNorm(x)) for one token per sequence; conv_state and h advance in place.
+
+    a2 is A log2(e) (ED, N), so that exp(dt A) = 2^(dt a2).
+    """
+    batch, dim = x.shape
+    inner, n_state = a2.shape
+    rank = dt_w.shape[1]
+    width = conv_w.shape[1]
+    normed = np.empty((batch, dim), np.float32)
+    for b in range(batch):
+        _rms_norm(x[b], norm_w, eps, normed[b])
+    u = np.empty((batch, inner), np.float32)
+    z = np.empty((batch, inner), np.float32)
+    # in_proj, then per channel the causal conv over [state, new input] and SiLU.
+    for t in prange(threads):
+        lo, hi = _span(inner, t, threads)
+        for d in range(lo, hi):
+            for b in range(batch):
+                xd = _dot(in_w[d], normed[b]) + (in_b[d] if in_b.shape[0] > 0 else _ZERO)
+                z[b, d] = _dot(in_w[inner + d], normed[b]) + (in_b[inner + d] if in_b.shape[0] > 0 else _ZERO)
+                acc = conv_w[d, width - 1] * xd
+                for k in range(width - 1):
+                    acc += conv_w[d, k] * conv_state[b, d, k]
+                for k in range(width - 2):
+                    conv_state[b, d, k] = conv_state[b, d, k + 1]
+                conv_state[b, d, width - 2] = xd
+                u[b, d] = _silu(acc + (conv_b[d] if conv_b.shape[0] > 0 else _ZERO))
+    # x_proj into dt, B, C.
+    dbc = np.empty((batch, rank + 2 * n_state), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(dbc.shape[1], t, threads)
+        for r in range(lo, hi):
+            for b in range(batch):
+                dbc[b, r] = _dot(x_w[r], u[b])
+    dt_in = np.empty((batch, rank), np.float32)
+    bc = np.empty((batch, 2, n_state), np.float32)
+    for b in range(batch):
+        _rms_norm(dbc[b, :rank], dt_norm_w, eps, dt_in[b])
+        _rms_norm(dbc[b, rank : rank + n_state], b_norm_w, eps, bc[b, 0])
+        _rms_norm(dbc[b, rank + n_state :], c_norm_w, eps, bc[b, 1])
+    # dt_proj, the SSM step and the gate, per channel.
+    y = np.empty((batch, inner), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(inner, t, threads)
+        for d in range(lo, hi):
+            for b in range(batch):
+                dt = _softplus(_dot(dt_w[d], dt_in[b]) + dt_b[d])
+                dtu = dt * u[b, d]
+                for n in range(n_state):
+                    h[b, d, n] = _exp2_product(dt, a2[d, n], False) * h[b, d, n] + dtu * bc[b, 0, n]
+                y[b, d] = (_dot(bc[b, 1], h[b, d]) + D[d] * u[b, d]) * _silu(z[b, d])
+    # out_proj, added to the residual.
+    out = np.empty((batch, dim), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(dim, t, threads)
+        for i in range(lo, hi):
+            for b in range(batch):
+                out[b, i] = x[b, i] + _dot(out_w[i], y[b]) + (out_b[i] if out_b.shape[0] > 0 else _ZERO)
+    return out
+
+
+@njit(parallel=True, **_OPTIONS)
+def _mlp(x, norm_w, eps, gate_w, up_w, down_w, threads):  # type: ignore[no-untyped-def]
+    """x + MLP(RMSNorm(x)): down(silu(gate(h)) * up(h))."""
+    batch, dim = x.shape
+    width = gate_w.shape[0]
+    normed = np.empty((batch, dim), np.float32)
+    for b in range(batch):
+        _rms_norm(x[b], norm_w, eps, normed[b])
+    g = np.empty((batch, width), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(width, t, threads)
+        for i in range(lo, hi):
+            for b in range(batch):
+                g[b, i] = _silu(_dot(gate_w[i], normed[b])) * _dot(up_w[i], normed[b])
+    out = np.empty((batch, dim), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(dim, t, threads)
+        for i in range(lo, hi):
+            for b in range(batch):
+                out[b, i] = x[b, i] + _dot(down_w[i], g[b])
+    return out
+
+
+@njit(parallel=True, **_OPTIONS)
+def _moe(x, norm_w, eps, router_w, gate_w, up_w, down_w, top_k, threads):  # type: ignore[no-untyped-def]
+    """x + SparseMoE(RMSNorm(x)) and the router logits (B, E): float32 softmax, top-k, unrenormalised."""
+    batch, dim = x.shape
+    experts, width, _ = gate_w.shape
+    normed = np.empty((batch, dim), np.float32)
+    for b in range(batch):
+        _rms_norm(x[b], norm_w, eps, normed[b])
+    logits = np.empty((batch, experts), np.float32)
+    chosen = np.empty((batch, top_k), np.int64)
+    weights = np.empty((batch, top_k), np.float32)
+    probs = np.empty(experts, np.float32)
+    for b in range(batch):
+        for e in range(experts):
+            logits[b, e] = _dot(router_w[e], normed[b])
+        top = logits[b].max()
+        total = _ZERO
+        for e in range(experts):
+            probs[e] = _exp(logits[b, e] - top)
+            total += probs[e]
+        for e in range(experts):
+            probs[e] /= total
+        for k in range(top_k):  # the k-th largest, ties to the lower index (as torch.topk)
+            best = 0
+            for e in range(1, experts):
+                if probs[e] > probs[best]:
+                    best = e
+            chosen[b, k] = best
+            weights[b, k] = probs[best]
+            probs[best] = _F32(-1.0)
+    g = np.empty((batch, top_k, width), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(width, t, threads)
+        for i in range(lo, hi):
+            for b in range(batch):
+                for k in range(top_k):
+                    e = chosen[b, k]
+                    g[b, k, i] = _silu(_dot(gate_w[e, i], normed[b])) * _dot(up_w[e, i], normed[b])
+    out = np.empty((batch, dim), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(dim, t, threads)
+        for i in range(lo, hi):
+            for b in range(batch):
+                acc = _ZERO
+                for k in range(top_k):
+                    acc += weights[b, k] * _dot(down_w[chosen[b, k], i], g[b, k])
+                out[b, i] = x[b, i] + acc
+    return out, logits
+
+
+def supported(x: torch.Tensor) -> bool:
+    """Whether the fused kernels take this call: float32 CPU activations, no gradient, not compiling.
+
+    Weights of another dtype are converted on every call (correct, but slow); a float32 model has none.
+    """
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray:
+    """A contiguous float32 numpy array of t: a view when t is contiguous float32; None gives an empty one."""
+    if t is None:
+        return _EMPTY
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _views(owner: object, tensors: tuple[torch.Tensor | None, ...]) -> tuple[np.ndarray, ...]:
+    """numpy views of `tensors`, kept on `owner` (the sublayer) while every tensor stays where it is.
+
+    Making a view costs a few microseconds, and a sublayer has up to 15 weights: per token and layer
+    that was a third of the kernel's time. Views share the weights' memory, so in-place updates show
+    through; a replaced weight (another data pointer) rebuilds them. Copies (a weight not contiguous
+    float32) are never kept.
+    """
+    key = tuple(0 if t is None else t.data_ptr() for t in tensors)
+    cached = getattr(owner, "_decode_views", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    arrays = tuple(_np(t) for t in tensors)
+    if all(t is None or a.ctypes.data == t.data_ptr() for t, a in zip(tensors, arrays, strict=True)):
+        object.__setattr__(owner, "_decode_views", (key, arrays))
+    return arrays
+
+
+def _state(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a conv or SSM state, which the kernel advances in place."""
+    if not (t.is_contiguous() and t.dtype == torch.float32):
+        raise ValueError(
+            f"the fused decode kernels need contiguous float32 states, got {t.dtype} {tuple(t.stride())}"
+        )
+    return t.detach().numpy()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a few rows of float32 x (..., in): the weight streamed once."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = np.empty((rows.shape[0], weight.shape[0]), np.float32)
+    _gemv(_np(weight), _np(bias), _np(rows), y, _set_threads())
+    return torch.from_numpy(y).view(*x.shape[:-1], weight.shape[0])
+
+
+def mamba_step(
+    owner: object,
+    x: torch.Tensor,
+    eps: float,
+    weights: tuple[torch.Tensor | None, ...],
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+) -> torch.Tensor:
+    """x (B, D) plus the Mamba sublayer's output, one new token per sequence.
+
+    weights, in order: the input RMSNorm's, in_proj weight and bias, conv1d weight (ED, 1, W) and
+    bias, x_proj weight, the dt, B and C RMSNorms', dt_proj weight and bias, A log2(e) (ED, N), D,
+    out_proj weight and bias (None for an absent bias); every norm uses `eps`. Their numpy views are
+    kept on `owner`. conv_state (B, ED, W-1) and ssm_state (B, ED, N), contiguous float32, advance
+    in place.
+    """
+    conv_state, ssm_state = _state(conv_state), _state(ssm_state)
+    w = _views(owner, weights)
+    conv_w = w[3].reshape(w[3].shape[0], -1)
+    out = _mamba(
+        _np(x), w[0], _F32(eps), w[1], w[2], conv_w, w[4], conv_state, *w[5:13], ssm_state, w[13], w[14],
+        _set_threads(),
+    )  # fmt: skip
+    return torch.from_numpy(out)
+
+
+def mlp_step(owner: object, x: torch.Tensor, eps: float, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x (B, D) plus the SwiGLU MLP of its RMSNorm; weights: the norm's, gate, up, down (views kept on owner)."""
+    norm, gate, up, down = _views(owner, weights)
+    return torch.from_numpy(_mlp(_np(x), norm, _F32(eps), gate, up, down, _set_threads()))
+
+
+def moe_step(
+    owner: object, x: torch.Tensor, eps: float, weights: tuple[torch.Tensor, ...], top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, D) plus the MoE of its RMSNorm, and the router logits (B, E).
+
+    weights: the norm's, the router's, and the stacked expert gate (E, I, D), up (E, I, D) and
+    down (E, D, I) (views kept on owner).
+    """
+    w = _views(owner, weights)
+    out, logits = _moe(_np(x), w[0], _F32(eps), *w[1:], top_k, _set_threads())
+    return torch.from_numpy(out), torch.from_numpy(logits)
