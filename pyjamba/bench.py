@@ -235,14 +235,18 @@ def model_matmul_gflops(config: JambaConfig, threads: int, tokens: int = 512) ->
 
 
 # ---- one engine, in its own process ---------------------------------------------------------------
-def _load(engine: str, folder: str, dtype: str) -> Any:
+def _load(engine: str, folder: str, dtype: str, huge_pages: bool = True) -> Any:
     import torch
 
     torch_dtype = getattr(torch, dtype)
     if engine == "ours":
+        from .hugepages import move_to_huge_pages
         from .model import JambaForCausalLM
 
-        return JambaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        model = JambaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        if huge_pages:  # as pipeline.load and the server do
+            move_to_huge_pages(model)
+        return model
     import warnings
 
     import transformers
@@ -293,7 +297,7 @@ class _Engine:
         self.case = case
         start = time.perf_counter()
         with _Peak() as peak:
-            model = _load(case["engine"], case["checkpoint"], case["dtype"])
+            model = _load(case["engine"], case["checkpoint"], case["dtype"], case.get("huge_pages", True))
         load_s = time.perf_counter() - start
         self.prefill, self.step = _engine_calls(case["engine"], model, case.get("prefill_chunk", 0))
         self.vocab = model.config.vocab_size
@@ -302,6 +306,8 @@ class _Engine:
             self.base["kernels"] = model.kernels.name
             if case.get("prefill_chunk"):
                 self.base["prefill_chunk"] = case["prefill_chunk"]
+            if not case.get("huge_pages", True):
+                self.base["huge_pages"] = False
         self.load_row = {"bench": "load", **self.base, "load_s": round(load_s, 2)}
         self.load_row["rss_gb"] = round(peak.peak / 1e9, 3)
         with torch.inference_mode():
@@ -506,6 +512,11 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="pyjamba: feed prompts this many tokens at a time (0: whole)",
     )
+    parser.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="pyjamba: leave the weights where loading put them (default: moved into transparent huge pages)",
+    )
     parser.add_argument("--engines", default="ours,transformers", help="comma-separated: ours, transformers")
     parser.add_argument(
         "--variants", default="hybrid,transformer", help="comma-separated: hybrid, transformer"
@@ -632,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                     "decode_steps": steps,
                     "repeats": args.repeats,
                     "prefill_chunk": args.prefill_chunk,
+                    "huge_pages": not args.no_huge_pages,
                     "wait_idle": args.wait_idle,
                 }
             )

@@ -87,6 +87,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _tensors(
+    module: nn.Module, names: tuple[str, ...], norm: RMSNorm | None = None
+) -> tuple[torch.Tensor | None, ...]:
+    """The parameters of `module` by dotted name ("in_proj.weight"; None for an absent bias), after
+    norm's weight if given, read from the modules' dicts: nn.Module's attribute lookup costs about a
+    microsecond, and a fused decoding step makes a hundred of them."""
+    out = [] if norm is None else [norm._parameters["weight"]]
+    for name in names:
+        *path, leaf = name.split(".")
+        owner = module
+        for part in path:
+            owner = owner._modules[part]
+        out.append(owner._parameters[leaf])
+    return tuple(out)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same names) that multiplies through `linear`."""
 
@@ -167,6 +183,15 @@ class Attention(nn.Module):
             out = torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]  # (B, H, L, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
+    def fused_step(
+        self, x: torch.Tensor, norm: RMSNorm, cache: HybridCache, decode: ModuleType
+    ) -> torch.Tensor:
+        """x + self(norm(x)) for one token per sequence, x (B, D) float32, no mask, by the fused kernels."""
+        weights = _tensors(self, ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"), norm)
+        return decode.attention_step(
+            self, x, norm.eps, weights, self.head_dim, lambda k, v: cache.update_kv(self.layer_idx, k, v)
+        )
+
 
 class MambaMixer(nn.Module):
     """The Mamba-1 selective SSM block with Jamba's inner RMSNorms on dt, B and C.
@@ -196,6 +221,11 @@ class MambaMixer(nn.Module):
         self.b_layernorm = RMSNorm(n, config.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, config.rms_norm_eps)
         self._a_log2: tuple[tuple[int, int, int], torch.Tensor] | None = None
+
+    _FUSED_WEIGHTS = (
+        "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_layernorm.weight",
+        "b_layernorm.weight", "c_layernorm.weight", "dt_proj.weight", "dt_proj.bias",
+    )  # fmt: skip
 
     def forward(
         self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache | None
@@ -257,11 +287,8 @@ class MambaMixer(nn.Module):
     def fused_step(self, x: torch.Tensor, norm: RMSNorm, cache: HybridCache) -> torch.Tensor:
         """x + self(norm(x)) for one token per sequence, x (B, D) float32, by `kernels.decode`: what
         `norm`, then `step`, compute, in one call."""
-        weights = (
-            norm.weight, self.in_proj.weight, self.in_proj.bias, self.conv1d.weight, self.conv1d.bias,
-            self.x_proj.weight, self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight,
-            self.dt_proj.weight, self.dt_proj.bias, self.a_log2(), self.D, self.out_proj.weight, self.out_proj.bias,
-        )  # fmt: skip
+        first = _tensors(self, self._FUSED_WEIGHTS, norm)
+        weights = (*first, self.a_log2(), *_tensors(self, ("D", "out_proj.weight", "out_proj.bias")))
         return self.kernels.decode.mamba_step(
             self, x, norm.eps, weights, cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx]
         )
@@ -270,9 +297,10 @@ class MambaMixer(nn.Module):
         """A log2(e) = -exp(A_log) log2(e) in float32 (ED, N), as the fused kernels use it; kept until
         A_log changes (in place or replaced), since a decoding step would otherwise spend more on it than
         on the SSM update."""
-        key = (id(self.A_log), self.A_log.data_ptr(), self.A_log._version)
+        (a_log,) = _tensors(self, ("A_log",))
+        key = (id(a_log), a_log.data_ptr(), a_log._version)
         if self._a_log2 is None or self._a_log2[0] != key:
-            a = -torch.exp(self.A_log.detach().double())
+            a = -torch.exp(a_log.detach().double())
             self._a_log2 = (key, (a * math.log2(math.e)).float().contiguous())
         return self._a_log2[1]
 
@@ -337,7 +365,7 @@ class MLP(nn.Module):
 
     def fused_step(self, x: torch.Tensor, norm: RMSNorm, decode: ModuleType) -> torch.Tensor:
         """x + self(norm(x)) for x (B, D) float32, in one call of the fused decode kernels."""
-        weights = (norm.weight, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        weights = _tensors(self, ("gate_proj.weight", "up_proj.weight", "down_proj.weight"), norm)
         return decode.mlp_step(self, x, norm.eps, weights)
 
 
@@ -430,8 +458,8 @@ class SparseMoE(nn.Module):
         self, x: torch.Tensor, norm: RMSNorm, decode: ModuleType
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x + self(norm(x)) for x (B, D) float32, and the router logits, in one call of the fused kernels."""
-        experts = self.experts
-        weights = (norm.weight, self.router.weight, experts.gate_proj, experts.up_proj, experts.down_proj)
+        names = ("router.weight", "experts.gate_proj", "experts.up_proj", "experts.down_proj")
+        weights = _tensors(self, names, norm)
         return decode.moe_step(self, x, norm.eps, weights, self.top_k)
 
 
@@ -494,10 +522,12 @@ class Layer(nn.Module):
     def _fused_step(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: HybridCache, decode: ModuleType
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward` for one token per sequence through the fused kernels (attention stays eager)."""
+        """`forward` for one token per sequence through the fused kernels."""
         batch, _, dim = x.shape
         flat = x.reshape(batch, dim)
-        if self.kind == "attention":
+        if self.kind == "attention" and attn_mask is None:
+            flat = self.self_attn.fused_step(flat, self.input_layernorm, cache, decode)
+        elif self.kind == "attention":  # padding between past keys (the serving slots): eager, masked
             flat = flat + self.self_attn(self.input_layernorm(x), attn_mask, cache).reshape(batch, dim)
         else:
             flat = self.mamba.fused_step(flat, self.input_layernorm, cache)
@@ -714,13 +744,16 @@ class JambaForCausalLM(nn.Module):
                 all_router_logits.append(router_logits)
         if cache is not None:
             cache.advance(length)
-        x = self.model.final_layernorm(x)
-
         if isinstance(logits_to_keep, int):
             x = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
         else:
             x = x[:, logits_to_keep]
-        logits = self.lm_head(x)  # (B, L', V)
+        decode = self.kernels.decode
+        if decode is not None and x.shape[0] * x.shape[1] <= _GEMV_ROWS and decode.supported(x):
+            norm = self.model.final_layernorm
+            logits = decode.norm_gemv(self, x, norm.eps, (norm.weight, self.lm_head.weight))  # (B, L', V)
+        else:
+            logits = self.lm_head(self.model.final_layernorm(x))  # (B, L', V)
 
         loss = aux_loss = None
         if labels is not None:

@@ -34,7 +34,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts the fused sublayer calls, so that a test knows the fused path ran (or did not)."""
     from pyjamba.kernels import decode
 
-    counts = {"mamba_step": 0, "mlp_step": 0, "moe_step": 0}
+    counts = {"mamba_step": 0, "attention_step": 0, "mlp_step": 0, "moe_step": 0, "norm_gemv": 0}
     for name in counts:
         original = getattr(decode, name)
 
@@ -66,12 +66,15 @@ def test_fused_decoding_matches_eager(name: str, batch: int, calls: dict[str, in
     steps = torch.randint(0, config["vocab_size"], (batch, 12), generator=gen)  # the cache grows past 8
     with torch.no_grad():
         got, got_cache = _decode(fused, prompt, steps)
-        mamba_calls = calls["mamba_step"]
+        fused_calls = dict(calls)
         want, want_cache = _decode(eager, prompt, steps)
         exact, exact_cache = _decode(truth, prompt, steps)
     kinds = fused.config.layer_types
-    assert mamba_calls == 12 * kinds.count("mamba")
-    assert calls["mlp_step"] + calls["moe_step"] == 12 * len(kinds)
+    assert fused_calls["mamba_step"] == 12 * kinds.count("mamba")
+    assert fused_calls["attention_step"] == 12 * kinds.count("attention")
+    assert fused_calls["mlp_step"] + fused_calls["moe_step"] == 12 * len(kinds)
+    assert fused_calls["norm_gemv"] == 12
+    assert calls == fused_calls  # the eager models called none of them
     for g, w, e in zip(got, want, exact, strict=True):
         assert relative_error(g, e) < 2e-5
         assert relative_error(g, w) < 2e-5
@@ -174,7 +177,8 @@ def test_eager_path_under_autograd_padding_or_other_dtypes(calls: dict[str, int]
         cache = model.make_cache(2)
         model(prompt, cache=cache)
         model(prompt[:, :1], cache=cache)
-    assert sum(calls.values()) == 0
+    # Only the padded step's head (float32, no gradient) was fused: the norm and head see no padding.
+    assert calls == {"mamba_step": 0, "attention_step": 0, "mlp_step": 0, "moe_step": 0, "norm_gemv": 1}
 
 
 @pytest.mark.parametrize(

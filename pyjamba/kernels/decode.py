@@ -23,19 +23,22 @@ Only float32 on CPU without autograd; anything else takes the eager path (`suppo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from numba import njit, prange
 
 from .fused import _exp, _exp2_product, _set_threads, _silu, _softplus
 
-__all__ = ["gemv", "mamba_step", "mlp_step", "moe_step", "supported"]
+__all__ = ["attention_step", "gemv", "mamba_step", "mlp_step", "moe_step", "norm_gemv", "supported"]
 
 _F32 = np.float32
 _ZERO = _F32(0.0)
 _LOG2E = 1.4426950408889634
 _OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 _EMPTY = np.zeros(0, np.float32)
+_W = 64  # channels whose dt, dt u and silu(z) are computed together
 
 
 @njit(fastmath={"contract", "reassoc"}, cache=True)
@@ -59,6 +62,13 @@ def _rms_norm(x, weight, eps, out):  # type: ignore[no-untyped-def]
     scale = _F32(1.0) / np.sqrt(_dot(x, x) / _F32(x.shape[0]) + eps)
     for j in range(x.shape[0]):
         out[j] = x[j] * scale * weight[j]
+
+
+@njit(inline="always")
+def _advance(h, a2, bc, b, d, dt, dtu, n_state):  # type: ignore[no-untyped-def]
+    """h[b, d, :] = 2^(dt a2[d, :]) h[b, d, :] + dt u B: one channel's N states, one step."""
+    for n in range(n_state):
+        h[b, d, n] = _exp2_product(dt, a2[d, n], False) * h[b, d, n] + dtu * bc[b, 0, n]
 
 
 @njit(parallel=True, **_OPTIONS)
@@ -118,16 +128,31 @@ def _mamba(  # type: ignore[no-untyped-def]
         _rms_norm(dbc[b, rank : rank + n_state], b_norm_w, eps, bc[b, 0])
         _rms_norm(dbc[b, rank + n_state :], c_norm_w, eps, bc[b, 1])
     # dt_proj, the SSM step and the gate, per channel.
+    # dt, dt u and silu(z) for a block of _W channels at once (so that they vectorise), then each
+    # channel's N states.
     y = np.empty((batch, inner), np.float32)
     for t in prange(threads):
         lo, hi = _span(inner, t, threads)
-        for d in range(lo, hi):
+        rows = np.zeros((4, _W), np.float32)  # dt, dt u, u, silu(z)
+        for d0 in range(lo, hi, _W):
+            w = min(_W, hi - d0)
             for b in range(batch):
-                dt = _softplus(_dot(dt_w[d], dt_in[b]) + dt_b[d])
-                dtu = dt * u[b, d]
-                for n in range(n_state):
-                    h[b, d, n] = _exp2_product(dt, a2[d, n], False) * h[b, d, n] + dtu * bc[b, 0, n]
-                y[b, d] = (_dot(bc[b, 1], h[b, d]) + D[d] * u[b, d]) * _silu(z[b, d])
+                for j in range(w):
+                    rows[0, j] = _dot(dt_w[d0 + j], dt_in[b]) + dt_b[d0 + j]
+                    rows[2, j] = u[b, d0 + j]
+                    rows[3, j] = z[b, d0 + j]
+                for j in range(_W):
+                    rows[0, j] = _softplus(rows[0, j])
+                for j in range(_W):
+                    rows[1, j] = rows[0, j] * rows[2, j]
+                    rows[3, j] = _silu(rows[3, j])
+                for j in range(w):
+                    d = d0 + j
+                    if n_state == 16:  # Jamba's N: a fixed trip count, unrolled into two vectors
+                        _advance(h, a2, bc, b, d, rows[0, j], rows[1, j], 16)
+                    else:
+                        _advance(h, a2, bc, b, d, rows[0, j], rows[1, j], n_state)
+                    y[b, d] = (_dot(bc[b, 1], h[b, d]) + D[d] * rows[2, j]) * rows[3, j]
     # out_proj, added to the residual.
     out = np.empty((batch, dim), np.float32)
     for t in prange(threads):
@@ -211,6 +236,88 @@ def _moe(x, norm_w, eps, router_w, gate_w, up_w, down_w, top_k, threads):  # typ
     return out, logits
 
 
+@njit(parallel=True, **_OPTIONS)
+def _norm_gemv(x, norm_w, eps, w, threads):  # type: ignore[no-untyped-def]
+    """RMSNorm(x) @ w^T: the final norm and the language-model head."""
+    batch, dim = x.shape
+    normed = np.empty((batch, dim), np.float32)
+    for b in range(batch):
+        _rms_norm(x[b], norm_w, eps, normed[b])
+    y = np.empty((batch, w.shape[0]), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(w.shape[0], t, threads)
+        for i in range(lo, hi):
+            for b in range(batch):
+                y[b, i] = _dot(w[i], normed[b])
+    return y
+
+
+@njit(parallel=True, **_OPTIONS)
+def _qkv(x, norm_w, eps, q_w, k_w, v_w, threads):  # type: ignore[no-untyped-def]
+    """The attention sublayer's RMSNorm, then its q, k and v projections (B, H Dh), (B, Hkv Dh) x 2."""
+    batch, dim = x.shape
+    n_q, n_kv = q_w.shape[0], k_w.shape[0]
+    normed = np.empty((batch, dim), np.float32)
+    for b in range(batch):
+        _rms_norm(x[b], norm_w, eps, normed[b])
+    q = np.empty((batch, n_q), np.float32)
+    k = np.empty((batch, n_kv), np.float32)
+    v = np.empty((batch, n_kv), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(n_q + 2 * n_kv, t, threads)  # the rows of q_w, then k_w, then v_w
+        for i in range(lo, hi):
+            for b in range(batch):
+                if i < n_q:
+                    q[b, i] = _dot(q_w[i], normed[b])
+                elif i < n_q + n_kv:
+                    k[b, i - n_q] = _dot(k_w[i - n_q], normed[b])
+                else:
+                    v[b, i - n_q - n_kv] = _dot(v_w[i - n_q - n_kv], normed[b])
+    return q, k, v
+
+
+@njit(parallel=True, **_OPTIONS)
+def _attend(x, q, keys, values, o_w, threads):  # type: ignore[no-untyped-def]
+    """x + o_proj(softmax(q k^T / sqrt(Dh)) v): one query per sequence over all S keys (no mask).
+
+    q (B, H Dh); keys, values (B, Hkv, S, Dh); query head h reads key head h // (H / Hkv).
+    """
+    batch, dim = x.shape
+    kv_heads, length, head_dim = keys.shape[1], keys.shape[2], keys.shape[3]
+    heads = q.shape[1] // head_dim
+    group = heads // kv_heads
+    scale = _F32(1.0) / np.sqrt(_F32(head_dim))
+    mixed = np.zeros((batch, heads * head_dim), np.float32)
+    pairs = batch * heads
+    for t in prange(threads):
+        lo, hi = _span(pairs, t, threads)
+        scores = np.empty(length, np.float32)
+        for pair in range(lo, hi):
+            b, h = divmod(pair, heads)
+            g = h // group
+            query = q[b, h * head_dim : (h + 1) * head_dim]
+            top = _F32(-np.inf)
+            for j in range(length):
+                scores[j] = _dot(query, keys[b, g, j]) * scale
+                top = max(top, scores[j])
+            total = _ZERO
+            for j in range(length):
+                scores[j] = _exp(scores[j] - top)
+                total += scores[j]
+            out = mixed[b, h * head_dim : (h + 1) * head_dim]
+            for j in range(length):
+                p = scores[j] / total
+                for c in range(head_dim):
+                    out[c] += p * values[b, g, j, c]
+    y = np.empty((batch, dim), np.float32)
+    for t in prange(threads):
+        lo, hi = _span(dim, t, threads)
+        for i in range(lo, hi):
+            for b in range(batch):
+                y[b, i] = x[b, i] + _dot(o_w[i], mixed[b])
+    return y
+
+
 def supported(x: torch.Tensor) -> bool:
     """Whether the fused kernels take this call: float32 CPU activations, no gradient, not compiling.
 
@@ -290,6 +397,40 @@ def mamba_step(
         _set_threads(),
     )  # fmt: skip
     return torch.from_numpy(out)
+
+
+def attention_step(
+    owner: object,
+    x: torch.Tensor,
+    eps: float,
+    weights: tuple[torch.Tensor, ...],
+    head_dim: int,
+    update_kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """x (B, D) plus causal attention of its RMSNorm, one new token per sequence, no padding.
+
+    weights: the norm's, q_proj, k_proj, v_proj, o_proj (views kept on owner). update_kv takes the new
+    keys and values (B, Hkv, 1, Dh), stores them, and returns every key and value (B, Hkv, S, Dh), as
+    `HybridCache.update_kv` does for a layer.
+    """
+    norm, q_w, k_w, v_w, o_w = _views(owner, weights)
+    q, k, v = _qkv(_np(x), norm, _F32(eps), q_w, k_w, v_w, _set_threads())
+    batch = x.shape[0]
+    new = [torch.from_numpy(t).view(batch, 1, -1, head_dim).transpose(1, 2) for t in (k, v)]
+    keys, values = update_kv(*new)
+    out = _attend(_np(x), q, keys.detach().numpy(), values.detach().numpy(), o_w, _set_threads())
+    return torch.from_numpy(out)
+
+
+def norm_gemv(
+    owner: object, x: torch.Tensor, eps: float, weights: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """RMSNorm(x) @ weight^T for x (..., D): the final norm and the head; weights: the norm's, the
+    projection's (views kept on owner)."""
+    norm, w = _views(owner, weights)
+    rows = x.reshape(-1, x.shape[-1])
+    y = _norm_gemv(_np(rows), norm, _F32(eps), w, _set_threads())
+    return torch.from_numpy(y).view(*x.shape[:-1], w.shape[0])
 
 
 def mlp_step(owner: object, x: torch.Tensor, eps: float, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ..checkpoint import CheckpointError
 from ..cli import DTYPE_CHOICES
 from ..config import ConfigError, JambaConfig
 from ..generate import GenerationConfig
+from ..hugepages import move_to_huge_pages
 from ..model import JambaForCausalLM
 from ..pipeline import ModelNotFoundError, resolve_model
 from ..tokenizer import Tokenizer, TokenizerError
@@ -83,6 +84,7 @@ def _check(args: argparse.Namespace) -> None:
 def _backend(folder: Path, tokenizer: Tokenizer, config: JambaConfig, args: argparse.Namespace) -> Backend:
     """Load the weights and start nothing yet (the app starts the engine): runs in a background thread."""
     model = JambaForCausalLM.from_pretrained(folder, dtype=DTYPE_CHOICES[args.dtype])
+    move_to_huge_pages(model)  # decoding streams the weights ~10% faster from huge pages
     engine = Engine(
         model,
         slots=args.slots,
