@@ -28,7 +28,7 @@ from torch import nn
 
 from .cache import HybridCache
 from .config import JambaConfig
-from .kernels import Kernels, loaded_gemv, resolve_kernels
+from .kernels import Kernels, loaded, resolve_kernels
 
 __all__ = ["CausalLMOutput", "Jamba", "JambaForCausalLM", "linear", "load_balancing_loss"]
 
@@ -49,7 +49,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Inference only (autograd, compilation and other devices take F.linear). x (..., in) has `rows`
     rows in all (tokens times sequences):
-    - float32, up to `_GEMV_ROWS` rows, once the numba kernels are loaded (`kernels.loaded_gemv`):
+    - float32, up to `_GEMV_ROWS` rows, once the numba kernels are loaded (`kernels.loaded`):
       their matrix-vector product, which streams the weight at ~23 GB/s where MKL and oneDNN reach
       11-19 GB/s for the model's shapes (the 65536 x 512 head: 5.8 ms against 7 in oneDNN, 11 in MKL).
     - float32, one row, without numba: oneDNN's inner product for weights of
@@ -75,8 +75,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return linear(x.float(), weight.float(), bias32).to(x.dtype)
     if weight.dtype != torch.float32 or rows == 0:
         return F.linear(x, weight, bias)
-    if rows <= _GEMV_ROWS and x.dtype == torch.float32 and (gemv := loaded_gemv()) is not None:
-        return gemv(x, weight, bias)
+    if rows <= _GEMV_ROWS and x.dtype == torch.float32 and (decode := loaded("decode")) is not None:
+        return decode.gemv(x, weight, bias)
     if 2 <= rows <= _FEW_ROWS:
         # MKL wants x^T as a transposed row-major x, hence the row-major input and output.
         flat = x.reshape(rows, x.shape[-1]).contiguous().t()  # (in, rows)
@@ -119,6 +119,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = loaded("elementwise")
+        if fast is not None and fast.supported(x, self.weight):
+            return fast.rms_norm(x, self.weight, self.eps)  # one pass (F.rms_norm is six on a CPU)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # One call instead of seven small ones: the same arithmetic (x * rsqrt(mean(x^2) + eps) * w).
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -245,7 +248,11 @@ class MambaMixer(nn.Module):
             if cache is not None
             else x.new_zeros(batch, self.inner, self.conv_width - 1)
         )
-        xs = F.silu(causal_conv(xs, past, self.conv1d.weight, self.conv1d.bias))  # (B, L, ED)
+        fast = loaded("elementwise") if self.kernels.name == "numba" else None
+        if fast is not None and fast.supported(xs, past, self.conv1d.weight):
+            xs = fast.conv_silu(xs, past, self.conv1d.weight, self.conv1d.bias)  # one pass
+        else:
+            xs = F.silu(causal_conv(xs, past, self.conv1d.weight, self.conv1d.bias))  # (B, L, ED)
         if pad_mask is not None:
             xs = xs * pad_mask
         dt, B, C = self._dt_b_c(xs)  # (B, L, R), (B, L, N), (B, L, N)
@@ -350,6 +357,14 @@ def causal_conv_update(
     return y if bias is None else y + bias
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU gate, F.silu(gate) * up; in one pass, into gate, by the numba kernels when loaded."""
+    fast = loaded("elementwise")
+    if fast is not None and fast.supported(gate, up):
+        return fast.silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -361,7 +376,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
     def fused_step(self, x: torch.Tensor, norm: RMSNorm, decode: ModuleType) -> torch.Tensor:
         """x + self(norm(x)) for x (B, D) float32, in one call of the fused decode kernels."""
@@ -396,7 +411,7 @@ class Experts(nn.Module):
 
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
         """Expert e applied to rows h (n, D) -> (n, D)."""
-        return linear(F.silu(linear(h, self.gate_proj[e])) * linear(h, self.up_proj[e]), self.down_proj[e])
+        return linear(silu_mul(linear(h, self.gate_proj[e]), linear(h, self.up_proj[e])), self.down_proj[e])
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, each expert run once on all its tokens, results scattered back."""

@@ -8,7 +8,8 @@ choice; asking for a kernel that cannot run raises, it never falls back silently
     numba      fused.py: one fused pass compiled by numba, CPU only, forward only (under autograd and for
                float64 it hands the call to the chunked scan); needs the `numba` package. With it come
                decode.py's fused one-token sublayers (`Kernels.decode`), which the model uses for
-               float32 decoding on CPU without autograd.
+               float32 decoding on CPU without autograd, and elementwise.py's fused norm, conv and
+               gate passes for prompts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from . import chunked, reference
 
-__all__ = ["KERNEL_NAMES", "Kernels", "loaded_gemv", "numba_unavailable", "resolve_kernels"]
+__all__ = ["KERNEL_NAMES", "Kernels", "loaded", "numba_unavailable", "resolve_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +73,15 @@ def _numba_kernels() -> Kernels:
     seconds = fused.compile_kernels()
     logger.info("numba kernels compiled or loaded in %.1f s", seconds)
     decode = importlib.import_module(f"{__name__}.decode")
+    importlib.import_module(f"{__name__}.elementwise")  # for `loaded`
     return Kernels("numba", fused.selective_scan, fused.selective_state_update, decode)
 
 
-def loaded_gemv() -> Callable[..., torch.Tensor] | None:
-    """decode.py's matrix-vector product once the numba kernels are loaded in this process, else None
-    (`model.linear` multiplies a few float32 rows with it; it never imports numba itself)."""
-    decode = sys.modules.get(f"{__name__}.decode")
-    return None if decode is None else decode.gemv
+def loaded(name: str) -> ModuleType | None:
+    """The numba module `name` ("decode" or "elementwise") once the numba kernels are loaded in this
+    process, else None. model.py's pieces that hold no `Kernels` (`linear`, RMSNorm, the SwiGLU gate)
+    use them through this, process-wide; it never imports numba itself."""
+    return sys.modules.get(f"{__name__}.{name}")
 
 
 def resolve_kernels(name: str | Kernels = "auto", device: torch.device | str | None = None) -> Kernels:
