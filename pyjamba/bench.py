@@ -23,7 +23,10 @@ step reads (decode), and what fraction of the machine's measured limits the run 
                     + 2 x D x V for the one position's logits
     decode bytes    weights a step reads: all but the embedding table (one row of it instead) and the
                     unrouted experts (with B sequences, the expected number of distinct experts
-                    E (1 - (1 - K/E)^B)), the lm_head in full; floor tokens/s = B x bandwidth / bytes
+                    E (1 - (1 - K/E)^B)), the lm_head in full; floor tokens/s = B x bandwidth / bytes,
+                    the bandwidth measured in the engine's process just before each decode run
+                    (a sum over 256 MiB; `bandwidth_gbs_at_run`, the median over the runs), since on
+                    a shared machine it moves by 20% from minute to minute
 
 Time is the best of `--repeats` runs (the median is reported too); with `--wait-idle` each run
 waits for an idle CPU first, for machines shared with other jobs. Peak memory is the process's
@@ -159,16 +162,21 @@ class _Peak:
         self.peak = max(_status_kib("VmHWM") * 1024, self.before)
 
 
-def _summary(runs: list[tuple[float, int, int]]) -> dict[str, Any]:
-    """Best and median time of the runs (seconds, peak bytes, resident bytes before), highest peak."""
-    times = [t for t, _, _ in runs]
-    return {
+def _summary(runs: list[tuple[float, int, int, float]]) -> dict[str, Any]:
+    """Best and median time of the runs (seconds, peak bytes, resident bytes before, bandwidth GB/s
+    just before the run or 0), highest peak, median bandwidth."""
+    times = [run[0] for run in runs]
+    out = {
         "time_s": round(min(times), 4),
         "time_median_s": round(statistics.median(times), 4),
         "repeats": len(times),
-        "peak_rss_gb": round(max(peak for _, peak, _ in runs) / 1e9, 3),
-        "peak_increase_gb": round(max(peak - before for _, peak, before in runs) / 1e9, 3),
+        "peak_rss_gb": round(max(run[1] for run in runs) / 1e9, 3),
+        "peak_increase_gb": round(max(run[1] - run[2] for run in runs) / 1e9, 3),
     }
+    bandwidths = [run[3] for run in runs if run[3] > 0]
+    if bandwidths:
+        out["bandwidth_gbs_at_run"] = round(statistics.median(bandwidths), 1)
+    return out
 
 
 def measure_machine(threads: int, idle: bool) -> dict[str, Any]:
@@ -295,6 +303,7 @@ class _Engine:
 
         torch.set_num_threads(case["threads"])
         self.case = case
+        self._stream: Any = None  # the buffer `_bandwidth` sums, made at the first decode run
         start = time.perf_counter()
         with _Peak() as peak:
             model = _load(case["engine"], case["checkpoint"], case["dtype"], case.get("huge_pages", True))
@@ -322,11 +331,29 @@ class _Engine:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(1, self.vocab, (batch, length), generator=g)
 
-    def run(self, bench: str, size: int) -> tuple[float, int, int]:
-        """One prefill of `size` tokens or one decode of a batch of `size`: (seconds, peak, before)."""
+    def _bandwidth(self) -> float:
+        """Memory bandwidth now, GB/s: the best of two sums over 256 MiB (more than any cache here).
+
+        Measured just before each decode run, because on a shared machine the bandwidth other jobs
+        leave changes from minute to minute, and a decode run is a measure of it."""
+        import torch
+
+        if self._stream is None:
+            self._stream = torch.ones(2**26)
+        best = math.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            self._stream.sum()
+            best = min(best, time.perf_counter() - start)
+        return self._stream.numel() * 4 / best / 1e9
+
+    def run(self, bench: str, size: int) -> tuple[float, int, int, float]:
+        """One prefill of `size` tokens or one decode of a batch of `size`: (seconds, peak, before,
+        bandwidth GB/s measured just before a decode run, 0 for a prefill)."""
         import torch
 
         case = self.case
+        bandwidth = self._bandwidth() if bench == "decode" else 0.0
         with torch.inference_mode(), _Peak() as peak:
             if bench == "prefill":
                 ids = self._ids(1, size, seed=size)
@@ -341,7 +368,7 @@ class _Engine:
                 for _ in range(case["decode_steps"]):
                     tokens = self.step(tokens, state)[:, -1].argmax(-1)
                 seconds = time.perf_counter() - t0
-        return seconds, peak.peak, peak.before
+        return seconds, peak.peak, peak.before, bandwidth
 
 
 def _row(base: dict[str, Any], case: dict[str, Any], bench: str, size: int, runs: list) -> dict[str, Any]:
@@ -415,7 +442,7 @@ def run_paired(cases: list[dict[str, Any]], repeats: int, idle: bool) -> Iterato
                 for case, base, proc in zip(cases, bases, workers, strict=True)
                 if (bench, size) in _measurements(case)
             ]
-            runs: list[list[tuple[float, int, int]]] = [[] for _ in taking]
+            runs: list[list[tuple[float, int, int, float]]] = [[] for _ in taking]
             for r in range(repeats):
                 if idle:
                     wait_idle()
@@ -428,7 +455,7 @@ def run_paired(cases: list[dict[str, Any]], repeats: int, idle: bool) -> Iterato
             for (case, base, _), engine_runs in zip(taking, runs, strict=True):
                 row = _row(base, case, bench, size, engine_runs)
                 row["paired"] = True
-                row["times_s"] = [round(t, 4) for t, _, _ in engine_runs]
+                row["times_s"] = [round(run[0], 4) for run in engine_runs]
                 yield row
     finally:
         for proc in workers:
@@ -488,7 +515,9 @@ def _annotate(row: dict[str, Any], config: JambaConfig, machine: dict[str, Any])
         row["fraction_of_fp32_matmul"] = round(achieved / machine["matmul_gflops_float32"], 3)
     elif row.get("bench") == "decode":
         nbytes = decode_bytes_per_step(config, _DTYPE_BYTES[row["dtype"]], row["batch"])
-        floor = row["batch"] * machine["bandwidth_gbs"] * 1e9 / nbytes
+        # The bandwidth measured alongside the run where there is one (a shared machine's varies).
+        bandwidth = row.get("bandwidth_gbs_at_run", machine["bandwidth_gbs"])
+        floor = row["batch"] * bandwidth * 1e9 / nbytes
         row["weight_gb_per_step"] = round(nbytes / 1e9, 4)
         row["floor_tokens_per_s"] = round(floor, 2)
         row["fraction_of_floor"] = round(row["tokens_per_s"] / floor, 3)

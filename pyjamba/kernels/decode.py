@@ -1,13 +1,14 @@
-"""Fused one-token decoding on a CPU: a Mamba sublayer, a SwiGLU MLP, a MoE and a matrix-vector
-product, each one numba call. Their readable twins are `MambaMixer.step`, `MLP` and `SparseMoE` in
+"""Fused one-token decoding on a CPU: a Mamba, attention, SwiGLU MLP or MoE sublayer (its RMSNorm
+and residual included), the final norm with the head, and a matrix-vector product, each one numba
+call. Their readable twins are `MambaMixer.step`, `Attention`, `MLP`, `SparseMoE` and `linear` in
 model.py (the eager path), held together by tests/test_decode_kernels.py.
 
 Why (jamba-small, float32, batch 1, 2-core AVX2 CPU; docs/benchmarks.md): a decoding step reads
 0.26 GB of weights, 9.5 ms at the machine's 27 GB/s. Eagerly it took 26 ms: the projections ran at
 13-19 GB/s (MKL's and oneDNN's matrix-vector products for these shapes), and ~60 small tensor
 operations per layer cost ~10 ms of dispatch. Here each sublayer is one call that reads each
-weight once at ~23 GB/s, and does everything between the projections (norms, conv, SSM update,
-gating, routing, residual) on vectors that stay in cache.
+weight once at 23-27 GB/s, and does everything between the projections (norms, conv, SSM update,
+gating, routing, softmax over the keys, residual) on vectors that stay in cache.
 
 Shapes: x is (B, D), B a handful of sequences; weights are nn.Linear's (out, in), experts stacked
 (E, I, D) and (E, D, I). Each call returns x plus the sublayer's output, a new array: the residual
@@ -35,7 +36,6 @@ __all__ = ["attention_step", "gemv", "mamba_step", "mlp_step", "moe_step", "norm
 
 _F32 = np.float32
 _ZERO = _F32(0.0)
-_LOG2E = 1.4426950408889634
 _OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 _EMPTY = np.zeros(0, np.float32)
 _W = 64  # channels whose dt, dt u and silu(z) are computed together
