@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
 
 from .fused import _exp, _exp2_product, _set_threads, _silu, _softplus
 
@@ -38,6 +38,14 @@ _F32 = np.float32
 _ZERO = _F32(0.0)
 _OPTIONS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 _EMPTY = np.zeros(0, np.float32)
+# Explicit signatures: every kernel compiles (or loads from numba's disk cache) when this module is
+# imported, never at a first call in the middle of a run, and a view that happens to be contiguous
+# (a cache filled to its capacity) takes the same compiled code as one that is not.
+_V = types.Array(types.float32, 1, "C")
+_M = types.Array(types.float32, 2, "C")
+_T = types.Array(types.float32, 3, "C")
+_ANY4 = types.Array(types.float32, 4, "A")
+_I, _F = types.int64, types.float32
 _W = 64  # channels whose dt, dt u and silu(z) are computed together
 
 
@@ -71,7 +79,7 @@ def _advance(h, a2, bc, b, d, dt, dtu, n_state):  # type: ignore[no-untyped-def]
         h[b, d, n] = _exp2_product(dt, a2[d, n], False) * h[b, d, n] + dtu * bc[b, 0, n]
 
 
-@njit(parallel=True, **_OPTIONS)
+@njit(types.void(_M, _V, _M, _M, _I), parallel=True, **_OPTIONS)
 def _gemv(w, bias, x, y, threads):  # type: ignore[no-untyped-def]
     """y (B, out) = x (B, in) @ w (out, in)^T (+ bias): each row of w read once, for every x."""
     has_bias = bias.shape[0] > 0
@@ -82,7 +90,11 @@ def _gemv(w, bias, x, y, threads):  # type: ignore[no-untyped-def]
                 y[b, i] = _dot(w[i], x[b]) + (bias[i] if has_bias else _ZERO)
 
 
-@njit(parallel=True, **_OPTIONS)
+@njit(
+    _M(_M, _V, _F, _M, _V, _M, _V, _T, _M, _V, _V, _V, _M, _V, _M, _V, _T, _M, _V, _I),
+    parallel=True,
+    **_OPTIONS,
+)
 def _mamba(  # type: ignore[no-untyped-def]
     x, norm_w, eps, in_w, in_b, conv_w, conv_b, conv_state, x_w, dt_norm_w, b_norm_w, c_norm_w,
     dt_w, dt_b, a2, D, h, out_w, out_b, threads,
@@ -163,7 +175,7 @@ def _mamba(  # type: ignore[no-untyped-def]
     return out
 
 
-@njit(parallel=True, **_OPTIONS)
+@njit(_M(_M, _V, _F, _M, _M, _M, _I), parallel=True, **_OPTIONS)
 def _mlp(x, norm_w, eps, gate_w, up_w, down_w, threads):  # type: ignore[no-untyped-def]
     """x + MLP(RMSNorm(x)): down(silu(gate(h)) * up(h))."""
     batch, dim = x.shape
@@ -186,7 +198,7 @@ def _mlp(x, norm_w, eps, gate_w, up_w, down_w, threads):  # type: ignore[no-unty
     return out
 
 
-@njit(parallel=True, **_OPTIONS)
+@njit(types.Tuple((_M, _M))(_M, _V, _F, _M, _T, _T, _T, _I, _I), parallel=True, **_OPTIONS)
 def _moe(x, norm_w, eps, router_w, gate_w, up_w, down_w, top_k, threads):  # type: ignore[no-untyped-def]
     """x + SparseMoE(RMSNorm(x)) and the router logits (B, E): float32 softmax, top-k, unrenormalised."""
     batch, dim = x.shape
@@ -236,7 +248,7 @@ def _moe(x, norm_w, eps, router_w, gate_w, up_w, down_w, top_k, threads):  # typ
     return out, logits
 
 
-@njit(parallel=True, **_OPTIONS)
+@njit(_M(_M, _V, _F, _M, _I), parallel=True, **_OPTIONS)
 def _norm_gemv(x, norm_w, eps, w, threads):  # type: ignore[no-untyped-def]
     """RMSNorm(x) @ w^T: the final norm and the language-model head."""
     batch, dim = x.shape
@@ -252,7 +264,7 @@ def _norm_gemv(x, norm_w, eps, w, threads):  # type: ignore[no-untyped-def]
     return y
 
 
-@njit(parallel=True, **_OPTIONS)
+@njit(types.UniTuple(_M, 3)(_M, _V, _F, _M, _M, _M, _I), parallel=True, **_OPTIONS)
 def _qkv(x, norm_w, eps, q_w, k_w, v_w, threads):  # type: ignore[no-untyped-def]
     """The attention sublayer's RMSNorm, then its q, k and v projections (B, H Dh), (B, Hkv Dh) x 2."""
     batch, dim = x.shape
@@ -276,7 +288,7 @@ def _qkv(x, norm_w, eps, q_w, k_w, v_w, threads):  # type: ignore[no-untyped-def
     return q, k, v
 
 
-@njit(parallel=True, **_OPTIONS)
+@njit(_M(_M, _M, _ANY4, _ANY4, _M, _I), parallel=True, **_OPTIONS)
 def _attend(x, q, keys, values, o_w, threads):  # type: ignore[no-untyped-def]
     """x + o_proj(softmax(q k^T / sqrt(Dh)) v): one query per sequence over all S keys (no mask).
 

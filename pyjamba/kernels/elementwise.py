@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange
+from numba import njit, prange, types
 
 from .decode import _dot, _span
 from .fused import _set_threads, _silu
@@ -25,9 +25,15 @@ __all__ = ["conv_silu", "rms_norm", "silu_mul", "supported"]
 
 _F32 = np.float32
 _OPTIONS = dict(parallel=True, cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+# Explicit signatures (compiled at import, as decode.py's): x of the conv is any view (a half of
+# in_proj's output, contiguous or not); everything else is passed contiguous.
+_V = types.Array(types.float32, 1, "C")
+_M = types.Array(types.float32, 2, "C")
+_T = types.Array(types.float32, 3, "C")
+_I = types.int64
 
 
-@njit(**_OPTIONS)
+@njit(types.void(_M, _V, types.float32, _M, _I), **_OPTIONS)
 def _rms_norm(x, weight, eps, out, threads):  # type: ignore[no-untyped-def]
     """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight for each row r of x (R, D)."""
     rows, dim = x.shape
@@ -39,7 +45,7 @@ def _rms_norm(x, weight, eps, out, threads):  # type: ignore[no-untyped-def]
                 out[r, j] = x[r, j] * scale * weight[j]
 
 
-@njit(**_OPTIONS)
+@njit(types.void(_M, _M, _I), **_OPTIONS)
 def _silu_mul(gate, up, threads):  # type: ignore[no-untyped-def]
     """gate = silu(gate) * up, in place, (R, I)."""
     rows, width = gate.shape
@@ -50,7 +56,7 @@ def _silu_mul(gate, up, threads):  # type: ignore[no-untyped-def]
                 gate[r, j] = _silu(gate[r, j]) * up[r, j]
 
 
-@njit(**_OPTIONS)
+@njit(types.void(types.Array(types.float32, 3, "A"), _T, _M, _V, _T, _I), **_OPTIONS)
 def _conv_silu(x, past, weight, bias, out, threads):  # type: ignore[no-untyped-def]
     """out (B, L, ED) = silu(bias + sum_k weight[:, k] x_(t - W + 1 + k)), the inputs before x_0 from
     past (B, ED, W-1). Rows t of each sequence are split across threads; `past` is not changed."""
@@ -87,9 +93,8 @@ def supported(*tensors: torch.Tensor) -> bool:
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:
-    """x as a (rows, last) float32 numpy array, a view where x's rows are contiguous."""
-    flat = x.reshape(-1, x.shape[-1])
-    return (flat if flat.stride(-1) == 1 else flat.contiguous()).detach().numpy()
+    """x as a contiguous (rows, last) float32 numpy array: a view when x is contiguous, else a copy."""
+    return x.detach().reshape(-1, x.shape[-1]).contiguous().numpy()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
