@@ -204,6 +204,12 @@ class MambaMixer(nn.Module):
     y = scan(x, dt, A, B, C) + D x, gated by SiLU(z); out_proj.
     """
 
+    # What `fused_step` hands the decode kernel, in its order (after the input norm's weight).
+    _FUSED_WEIGHTS = (
+        "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_layernorm.weight",
+        "b_layernorm.weight", "c_layernorm.weight", "dt_proj.weight", "dt_proj.bias",
+    )  # fmt: skip
+
     def __init__(self, config: JambaConfig, layer_idx: int, kernels: Kernels) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -224,11 +230,6 @@ class MambaMixer(nn.Module):
         self.b_layernorm = RMSNorm(n, config.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, config.rms_norm_eps)
         self._a_log2: tuple[tuple[int, int, int], torch.Tensor] | None = None
-
-    _FUSED_WEIGHTS = (
-        "in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_layernorm.weight",
-        "b_layernorm.weight", "c_layernorm.weight", "dt_proj.weight", "dt_proj.bias",
-    )  # fmt: skip
 
     def forward(
         self, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: HybridCache | None

@@ -73,6 +73,15 @@ def _rms_norm(x, weight, eps, out):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always")
+def _residual_rows(x, w, bias, v, out, lo, hi):  # type: ignore[no-untyped-def]
+    """out[:, lo:hi] = x + v w^T (+ bias), rows lo to hi of a sublayer's output projection added to the
+    residual stream; x, out (B, D), w (D, K), v (B, K), bias (D,) or empty."""
+    for i in range(lo, hi):
+        for b in range(x.shape[0]):
+            out[b, i] = x[b, i] + _dot(w[i], v[b]) + (bias[i] if bias.shape[0] > 0 else _ZERO)
+
+
+@njit(inline="always")
 def _advance(h, a2, bc, b, d, dt, dtu, n_state):  # type: ignore[no-untyped-def]
     """h[b, d, :] = 2^(dt a2[d, :]) h[b, d, :] + dt u B: one channel's N states, one step."""
     for n in range(n_state):
@@ -169,9 +178,7 @@ def _mamba(  # type: ignore[no-untyped-def]
     out = np.empty((batch, dim), np.float32)
     for t in prange(threads):
         lo, hi = _span(dim, t, threads)
-        for i in range(lo, hi):
-            for b in range(batch):
-                out[b, i] = x[b, i] + _dot(out_w[i], y[b]) + (out_b[i] if out_b.shape[0] > 0 else _ZERO)
+        _residual_rows(x, out_w, out_b, y, out, lo, hi)
     return out
 
 
@@ -190,11 +197,10 @@ def _mlp(x, norm_w, eps, gate_w, up_w, down_w, threads):  # type: ignore[no-unty
             for b in range(batch):
                 g[b, i] = _silu(_dot(gate_w[i], normed[b])) * _dot(up_w[i], normed[b])
     out = np.empty((batch, dim), np.float32)
+    no_bias = np.empty(0, np.float32)
     for t in prange(threads):
         lo, hi = _span(dim, t, threads)
-        for i in range(lo, hi):
-            for b in range(batch):
-                out[b, i] = x[b, i] + _dot(down_w[i], g[b])
+        _residual_rows(x, down_w, no_bias, g, out, lo, hi)
     return out
 
 
@@ -322,11 +328,10 @@ def _attend(x, q, keys, values, o_w, threads):  # type: ignore[no-untyped-def]
                 for c in range(head_dim):
                     out[c] += p * values[b, g, j, c]
     y = np.empty((batch, dim), np.float32)
+    no_bias = np.empty(0, np.float32)
     for t in prange(threads):
         lo, hi = _span(dim, t, threads)
-        for i in range(lo, hi):
-            for b in range(batch):
-                y[b, i] = x[b, i] + _dot(o_w[i], mixed[b])
+        _residual_rows(x, o_w, no_bias, mixed, y, lo, hi)
     return y
 
 
