@@ -335,16 +335,17 @@ def _attend(x, q, keys, values, o_w, threads):  # type: ignore[no-untyped-def]
     return y
 
 
-def supported(x: torch.Tensor) -> bool:
-    """Whether the fused kernels take this call: float32 CPU activations, no gradient, not compiling.
+def supported(*tensors: torch.Tensor) -> bool:
+    """Whether the numba CPU kernels (these and elementwise.py's) take a call on these tensors:
+    float32 on CPU, no gradient wanted, not compiling.
 
-    Weights of another dtype are converted on every call (correct, but slow); a float32 model has none.
+    Decoding checks the activations only: weights of another dtype are converted on every call
+    (correct, but slow); a float32 model has none.
     """
     return (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and not torch.is_grad_enabled()
+        not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
     )
 
 

@@ -8,7 +8,8 @@ PyTorch on a CPU (`F.rms_norm` is not fused there), the causal conv four multipl
 SiLU, the SwiGLU gate a SiLU and a product: each pass reads and writes (L, width) floats.
 
 Rows are split across `torch.get_num_threads()` threads; within a row the loops run along the
-contiguous channels, which vectorise. Only float32 on CPU without autograd (`supported`).
+contiguous channels, which vectorise. Only float32 on CPU without autograd (`supported`, shared
+with decode.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit, prange, types
 
-from .decode import _dot, _span
+from .decode import _dot, _span, supported
 from .fused import _set_threads, _silu
 
 __all__ = ["conv_silu", "rms_norm", "silu_mul", "supported"]
@@ -81,15 +82,6 @@ def _conv_silu(x, past, weight, bias, out, threads):  # type: ignore[no-untyped-
                         acc[d] += weight[d, k] * past[b, d, width - 1 + s]
             for d in range(inner):
                 out[b, i, d] = _silu(acc[d])
-
-
-def supported(*tensors: torch.Tensor) -> bool:
-    """Whether these kernels take the call: float32 CPU tensors, no gradient, not compiling."""
-    return (
-        not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-    )
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:
