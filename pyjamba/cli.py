@@ -46,14 +46,19 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, help="1 for none")
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    add_weight_options(parser)
+    return parser
+
+
+def add_weight_options(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --threads, as every command that loads a model for inference takes them."""
     parser.add_argument(
         "--dtype",
         choices=list(DTYPE_CHOICES),
         default="auto",
         help="weights' dtype (auto: the fastest on this machine; stored: as in the checkpoint)",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    return parser
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
 def _options(args: argparse.Namespace, generator: TextGenerator) -> dict:

@@ -24,12 +24,7 @@ from pyjamba.tokenizer import Tokenizer
 NEVER_EOS = {"2": -100}  # logit_bias keeping the tiny model from stopping early
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_serve_engine: the CPU is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ import torch
 from pyjamba.serve.slots import SlotPool
 from pyjamba.testing import PARITY_CONFIGS, random_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Other processes share this CPU: torch's second thread spinning against them slows steps ~10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

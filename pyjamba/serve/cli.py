@@ -18,7 +18,7 @@ from types import FrameType
 import torch
 
 from ..checkpoint import CheckpointError
-from ..cli import DTYPE_CHOICES
+from ..cli import DTYPE_CHOICES, add_weight_options
 from ..config import ConfigError, JambaConfig
 from ..generate import GenerationConfig
 from ..hugepages import move_to_huge_pages
@@ -59,13 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM (default 30)"
     )
-    p.add_argument(
-        "--dtype",
-        choices=list(DTYPE_CHOICES),
-        default="auto",
-        help="weights' dtype (auto: the fastest on this machine; stored: as in the checkpoint)",
-    )
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add_weight_options(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
