@@ -16,6 +16,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .pipeline import ModelNotFoundError, TextGenerator, load
+from .sampling import SamplingError, SamplingParams
 from .tokenizer import TokenizerError
 
 __all__ = ["chat_main", "generate_main"]
@@ -80,6 +81,18 @@ def _options(args: argparse.Namespace, generator: TextGenerator) -> dict:
     return options
 
 
+_SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling options by the rules generate and the server share, before any model loads."""
+    given = {name: getattr(args, name) for name in _SAMPLING_OPTIONS if getattr(args, name) is not None}
+    try:
+        SamplingParams(**given)
+    except SamplingError as exc:
+        raise ValueError(f"--{exc.param.replace('_', '-')}: {exc}") from exc
+
+
 def _load(args: argparse.Namespace) -> TextGenerator:
     if args.threads is not None:
         if args.threads < 1:
@@ -116,6 +129,7 @@ def generate_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        _check_sampling(args)
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
         generator = _load(args)
         options = _options(args, generator)
@@ -134,6 +148,7 @@ def chat_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        _check_sampling(args)
         generator = _load(args)
         if generator.tokenizer.chat_template is None:
             raise TokenizerError(f"{generator.tokenizer.path} has no chat template: `pyjamba chat` needs one")

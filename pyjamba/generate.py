@@ -26,6 +26,7 @@ import torch
 
 from .cache import HybridCache
 from .model import JambaForCausalLM
+from .sampling import SamplingError, SamplingParams, check_logits
 
 __all__ = [
     "GenerationConfig",
@@ -84,13 +85,21 @@ class GenerationConfig:
             if not _json_type_ok(f.name, value):
                 raise ValueError(f"{path}: {f.name} has the wrong type: {value!r}")
             values[f.name] = value
-        return cls(**values)
+        config = cls(**values)
+        try:  # the ranges every sampler honours, checked at load rather than at the first request
+            SamplingParams(**{k: getattr(config, k) for k in _SAMPLING_FIELDS})
+        except SamplingError as err:
+            raise ValueError(f"{path}: {err}") from err
+        return config
 
     def to_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `generate` / `stream` (everything but bos_token_id)."""
         kwargs = asdict(self)
         del kwargs["bos_token_id"]
         return kwargs
+
+
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 def _json_type_ok(name: str, value: Any) -> bool:
@@ -273,14 +282,6 @@ class _Plan:
     compile: bool
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
 def _integer(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -306,26 +307,22 @@ def _plan(
     tokenizer: Tokenizer | None = None,
     compile: bool = False,
 ) -> _Plan:
-    """Check the keyword arguments of `generate` and `stream` (their one signature) into a _Plan."""
+    """Check the keyword arguments of `generate` and `stream` (their one signature) into a _Plan.
+
+    The sampling settings go through `SamplingParams`, the rules the server and the CLI share.
+    """
     vocab = model.config.vocab_size
     max_new_tokens = _integer("max_new_tokens", max_new_tokens)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    temperature = _number("temperature", temperature)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    top_k = _integer("top_k", top_k)
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    top_p = _number("top_p", top_p)
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    min_p = _number("min_p", min_p)
-    if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must lie in [0, 1], got {min_p}")
-    repetition_penalty = _number("repetition_penalty", repetition_penalty)
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
+    params = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
 
     if eos_token_id is None:
         eos = tuple(model.config.eos_token_ids)
@@ -353,16 +350,16 @@ def _plan(
 
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(_integer("seed", seed))
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
     return _Plan(
         max_new_tokens=max_new_tokens,
-        sample=bool(do_sample) and temperature > 0,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
+        sample=bool(do_sample) and not params.greedy,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty,
         eos=eos,
         pad=pad_token_id,
         stop=stop,
@@ -410,7 +407,11 @@ def _check_inputs(
 
 
 def _next_tokens(logits: torch.Tensor, seen: torch.Tensor | None, plan: _Plan) -> torch.Tensor:
-    """Process the (B, V) float32 logits in transformers' order, then pick one token per row (B,)."""
+    """Process the (B, V) float32 logits in transformers' order, then pick one token per row (B,).
+
+    Raises NonFiniteLogits for NaN or infinite logits: argmax would silently pick a NaN's index.
+    """
+    check_logits(logits)
     scores = logits
     if seen is not None:
         scores = apply_repetition_penalty(scores, seen, plan.repetition_penalty)
@@ -502,8 +503,9 @@ def generate(
 
     Keyword arguments (checked, with their types and defaults, by `_plan`):
     max_new_tokens (20); do_sample (False): sample (after repetition_penalty, temperature, top_k,
-        top_p, min_p); otherwise greedy, as is temperature 0. repetition_penalty applies to greedy
-        decoding too (as in transformers).
+        top_p, min_p); otherwise greedy, as is a temperature of 0 (or under `sampling.GREEDY_BELOW`).
+        repetition_penalty applies to greedy decoding too (as in transformers). The ranges are
+        `sampling.SamplingParams`'s, shared with the server and the command line.
     temperature (1.0), top_k (0: off), top_p (1.0), min_p (0.0), repetition_penalty (1.0: off).
     eos_token_id: an id or a list (default: the model config's); a sequence that produces one stops,
         and is padded with pad_token_id (default: the config's, else the first EOS) to the batch's end.
@@ -513,6 +515,7 @@ def generate(
         one (needs `tokenizer`); the ids returned include the token that completed it.
     compile: run the decode step through torch.compile (same tokens; compilation on the first call
         costs seconds; docs/benchmarks.md has what it gains).
+    Raises `sampling.NonFiniteLogits` if the model produces NaN or infinite logits.
     """
     input_ids, mask = _check_inputs(model, input_ids, attention_mask)
     plan = _plan(model, input_ids.device, **kwargs)

@@ -410,10 +410,12 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 **context,
             )
-        except ChatTemplateError:
-            raise
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template {name!r} failed to render: {e}") from e
+        except ChatTemplateError as e:  # the template's own raise_exception: its message, and its name
+            raise ChatTemplateError(f"chat template {name!r} refused the messages: {e}") from e
+        except Exception as e:  # a template is code: it can fail in any way (1/0, 'a' + 1)
+            raise ChatTemplateError(
+                f"chat template {name!r} failed to render: {type(e).__name__}: {e}"
+            ) from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 

@@ -9,17 +9,15 @@ does), then to OpenAI's defaults. `max_tokens` 0 is accepted only with `echo`: i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..tokenizer import Tokenizer, TokenizerError
+from ..sampling import SamplingError, SamplingParams
+from ..tokenizer import ChatTemplateError, Tokenizer, TokenizerError
 from .errors import APIError
-from .sampling import SamplingParams
 from .schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 
 __all__ = ["Limits", "Plan", "Prompt", "chat_plan", "completion_plan"]
-
-_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -73,47 +71,40 @@ def _in_range(name: str, value: float | None, low: float, high: float, *, open_l
         raise _bad(f"{name} must be a finite number in {bracket}{low}, {high}], got {value}", name)
 
 
+def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids written as JSON keys) with int keys; the values are checked later."""
+    bias = {}
+    for key, value in (raw or {}).items():
+        # ASCII digits only: str.isdigit() accepts "²" and "١", which int() then refuses or misreads.
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
+            raise _bad(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}", "logit_bias")
+        bias[int(key)] = value
+    return bias
+
+
 def _sampling(req: _Sampling, defaults: dict[str, Any], vocab_size: int) -> SamplingParams:
-    def pick(name: str, fallback: float) -> Any:
+    """The request's settings over the model's defaults, checked by SamplingParams (the rules
+    `generate` and the command line share)."""
+
+    def pick(name: str, fallback: Any) -> Any:
         value = getattr(req, name)
         return value if value is not None else defaults.get(name, fallback)
 
-    temperature = req.temperature
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise _bad(
-            f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}", "temperature"
+    top_k = pick("top_k", 0)
+    try:
+        return SamplingParams(
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=0 if top_k == -1 else top_k,  # vLLM's -1: no limit
+            min_p=pick("min_p", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            logit_bias=_logit_bias(req.logit_bias, vocab_size),
+            seed=req.seed,
         )
-    _in_range("top_p", req.top_p, 0.0, 1.0, open_low=True)
-    if req.top_k is not None and req.top_k < -1:
-        raise _bad(f"top_k must be >= 0 (0 or -1: no limit), got {req.top_k}", "top_k")
-    _in_range("min_p", req.min_p, 0.0, 1.0)
-    rp = req.repetition_penalty
-    if rp is not None and not (math.isfinite(rp) and rp > 0):
-        raise _bad(
-            f"repetition_penalty must be a finite number > 0 (1: none), got {rp}", "repetition_penalty"
-        )
-    _in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
-    _in_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
-    bias = {}
-    for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab_size:
-            raise _bad(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}", "logit_bias")
-        if not (math.isfinite(value) and -100 <= value <= 100):
-            raise _bad(f"logit_bias values must lie in [-100, 100], got {value}", "logit_bias")
-        bias[int(key)] = value
-    if req.seed is not None and not _SEED_RANGE[0] <= req.seed <= _SEED_RANGE[1]:
-        raise _bad(f"seed must lie in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}], got {req.seed}", "seed")
-    return SamplingParams(
-        temperature=float(pick("temperature", 1.0)),
-        top_p=float(pick("top_p", 1.0)),
-        top_k=max(0, int(pick("top_k", 0))),
-        min_p=float(pick("min_p", 0.0)),
-        repetition_penalty=float(pick("repetition_penalty", 1.0)),
-        frequency_penalty=req.frequency_penalty or 0.0,
-        presence_penalty=req.presence_penalty or 0.0,
-        logit_bias=bias,
-        seed=req.seed,
-    )
+    except SamplingError as exc:
+        raise _bad(str(exc), exc.param) from exc
 
 
 def _stop(req: _Sampling, limits: Limits) -> list[str]:
@@ -137,10 +128,9 @@ def _common(req: _Sampling, limits: Limits, prompts: int = 1) -> None:
 
 
 def _choice_params(base: SamplingParams, n: int) -> list[SamplingParams]:
-    """Choice i draws from seed + i: choice 0 is what `generate(seed=seed)` draws."""
-    if base.seed is None:
-        return [base] * n
-    return [replace(base, seed=base.seed + i) for i in range(n)]
+    """Choice i draws from seed + i (wrapped, `sampling.choice_seed`): choice 0 is what
+    `generate(seed=seed)` draws."""
+    return [base.for_choice(i) for i in range(n)]
 
 
 def _max_tokens(
@@ -282,6 +272,10 @@ def chat_plan(
         raise _bad("this model has no chat template: use /v1/completions", "messages", "no_chat_template")
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except ChatTemplateError as exc:  # names the template; a template is code and can fail any way
+        raise _bad(
+            f"the messages do not fit the model's chat template: {exc}", "messages", "chat_template_error"
+        ) from exc
     except (TokenizerError, ValueError, TypeError) as exc:
         raise _bad(f"the messages do not fit the model's chat template: {exc}", "messages") from exc
     if not ids:

@@ -4,34 +4,22 @@ The order is `pyjamba.generate`'s (transformers'): repetition penalty, then temp
 min-p and a multinomial draw, with generate's own warper functions, so a request with a seed draws
 the same tokens as `generate(..., do_sample=True, seed=seed)`. The OpenAI extras come first, as in
 vLLM: `logit_bias` added to the logits, then frequency and presence penalties on the tokens generated
-so far. Temperature 0 is greedy (after the penalties).
+so far. Temperature 0 is greedy (after the penalties), as is one under `GREEDY_BELOW`.
+`SamplingParams` (pyjamba.sampling) has already checked every setting; logits that are not finite
+raise `NonFiniteLogits` (the engine then fails that request alone).
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..generate import apply_repetition_penalty, warp
+from ..sampling import SamplingParams, check_logits
 
 __all__ = ["Sampler", "SamplingParams", "TokenLogprob", "logprobs_of"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One sequence's sampling settings, already validated (see schemas.py for the ranges)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +50,9 @@ class Sampler:
     """Picks one sequence's tokens: its settings, its generator, and what it has seen so far."""
 
     def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int) -> None:
+        params.check_vocab(vocab_size)
         self.params = params
-        self.sample = params.temperature > 0
+        self.sample = not params.greedy
         # A request without a seed still gets its own generator, so the global RNG is left alone.
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
@@ -82,6 +71,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token from one row of float32 logits (1, V)."""
+        check_logits(logits)
         p = self.params
         scores = logits
         if self.bias is not None:
