@@ -4,6 +4,7 @@ body, and the next request is served."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -264,7 +265,10 @@ BAD_REQUESTS = [
     (C, {"prompt": "hi", "top_p": 1.5}, 400, "top_p", "(0.0, 1.0]"),
     (C, {"prompt": "hi", "top_k": -2}, 400, "top_k", ">= 0"),
     (C, {"prompt": "hi", "min_p": 2}, 400, "min_p", "[0.0, 1.0]"),
-    (C, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
+    (C, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "[0.0001, 10000.0]"),
+    (C, {"prompt": "hi", "repetition_penalty": 1e-300}, 400, "repetition_penalty", "[0.0001, 10000.0]"),
+    (C, {"prompt": "hi", "repetition_penalty": 1e300}, 400, "repetition_penalty", "[0.0001, 10000.0]"),
+    (C, '{"prompt": "hi", "top_p": 1e400}', 400, "top_p", "finite"),
     (C, {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty", "[-2.0, 2.0]"),
     (C, {"prompt": "hi", "n": 0}, 400, "n", "between 1 and 16"),
     (C, {"prompt": "hi", "n": 17}, 400, "n", "between 1 and 16"),
@@ -272,7 +276,16 @@ BAD_REQUESTS = [
     (C, {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "between 0 and 20"),
     (C, {"prompt": "hi", "logprobs": -1}, 400, "logprobs", "between 0 and 20"),
     (C, {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias", "token ids"),
-    (C, {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias", "[-100, 100]"),
+    (C, {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias", "[-100.0, 100.0]"),
+    (C, {"prompt": "hi", "logit_bias": {"²": 1}}, 400, "logit_bias", "token ids"),
+    (C, {"prompt": "hi", "logit_bias": {"١": 1}}, 400, "logit_bias", "token ids"),
+    (C, {"prompt": "hi", "logit_bias": {"-1": 1}}, 400, "logit_bias", "token ids"),
+    (C, {"prompt": "hi", "logit_bias": {"99999999999999999999999": 1}}, 400, "logit_bias", "token ids"),
+    (C, '{"prompt": "a\\ud800b"}', 400, "prompt", "not valid Unicode at 'prompt'"),
+    (C, '{"prompt": ["ok", "\\udfff"]}', 400, "prompt", "not valid Unicode at 'prompt[1]'"),
+    (C, '{"prompt": "hi", "stop": ["\\ud83d"]}', 400, "stop", "lone surrogate"),
+    (C, '{"prompt": "hi", "\\ud800": 1}', 400, None, "in the body: a key holds a lone surrogate"),
+    (C, {"prompt": "hi", "seed": -(2**63) - 1}, 400, "seed", "seed must lie"),
     (C, {"prompt": "hi", "seed": 2**70}, 400, "seed", "seed must lie"),
     (C, {"prompt": "hi", "stop": 5}, 400, "stop", "valid string"),
     (C, {"prompt": "hi", "stop": [""]}, 400, "stop", "not be empty"),
@@ -296,6 +309,7 @@ BAD_REQUESTS = [
     (CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     (CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
     (CHAT, {"messages": OK_MESSAGES, "model": "other"}, 404, "model", "does not exist"),
+    (CHAT, '{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, "messages", "at 'messages[0].content'"),
 ]  # fmt: skip
 
 
@@ -390,7 +404,7 @@ def test_a_full_queue_gets_429(model_dir):
 
 def test_503_while_loading_draining_or_after_the_engine_died(model_dir, monkeypatch):
     release = threading.Event()
-    backend = _backend(model_dir)
+    backend = _backend(model_dir, max_model_failures=2)
 
     def slow_load() -> Backend:
         release.wait(30)
@@ -416,8 +430,135 @@ def test_503_while_loading_draining_or_after_the_engine_died(model_dir, monkeypa
 
         monkeypatch.setattr(backend.engine.model, "forward", broken)
         failed = client.post(C, json={"prompt": "hi", "max_tokens": 1})
-        assert failed.status_code == 503 and "engine failed" in failed.json()["error"]["message"]
-        backend.engine._thread.join(30)
+        assert failed.status_code == 503 and "can be retried" in failed.json()["error"]["message"]
+        assert client.get("/health").status_code == 200  # one failed step: the engine recovered
+        failed = client.post(C, json={"prompt": "hi", "max_tokens": 1})
+        assert failed.status_code == 503 and "device lost" in failed.json()["error"]["message"]
+        backend.engine._thread.join(30)  # two in a row: it gave up, and `pyjamba serve` exits
+        assert client.app.state.server.engine_error is not None
         health = client.get("/health")
         assert health.status_code == 503 and "device lost" in health.json()["error"]
         assert client.post(C, json={"prompt": "hi", "max_tokens": 1}).status_code == 503
+
+
+# ---- reliability: hostile values, broken templates, clients that leave ---------------------------
+
+
+def _assert_still_serving(client) -> None:
+    health = client.get("/health")
+    assert health.status_code == 200, health.text
+    ok = client.post(C, json={"prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    deadline = time.monotonic() + 10
+    while client.get("/health").json()["slots_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.get("/health").json()["slots_in_use"] == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "Hi", "n": 2, "seed": 18446744073709551615, "max_tokens": 3},
+        {"prompt": "Hi", "n": 3, "seed": -(2**63), "max_tokens": 3},
+        {"prompt": "Hi", "temperature": 1e-40, "max_tokens": 3},
+        {"prompt": "Hi", "temperature": 1e30, "max_tokens": 3},
+        {"prompt": "Hi", "top_p": 1e-300, "max_tokens": 3},
+        {"prompt": "Hi", "repetition_penalty": 1e-4, "temperature": 1e-5, "max_tokens": 3},
+        {"prompt": "Hi", "frequency_penalty": -2, "presence_penalty": 2, "max_tokens": 3, "seed": 1},
+        {"prompt": "Hi", "logit_bias": {"3": 100, "4": -100}, "temperature": 2, "max_tokens": 3},
+    ],
+)
+def test_hostile_sampling_values_are_served_and_hurt_nobody(model_dir, body):
+    with TestClient(create_app(_backend(model_dir, slots=1))) as client:  # one slot: a leak would hang
+        for stream in (False, True):
+            response = client.post(C, json={**body, "stream": stream})
+            assert response.status_code == 200, response.text
+            if stream:
+                assert _events(response)[-1] == "[DONE]"
+                assert all("error" not in e for e in _events(response)[:-1])
+        _assert_still_serving(client)
+
+
+def test_seeds_past_the_top_wrap_around_as_torch_wraps_negative_seeds(client):
+    top = {"prompt": "Hi", "n": 2, "seed": 2**64 - 1, "max_tokens": 6, "logit_bias": NEVER_EOS}
+    wrapped = {"prompt": "Hi", "n": 1, "seed": 0, "max_tokens": 6, "logit_bias": NEVER_EOS}
+    negative = {"prompt": "Hi", "n": 1, "seed": -1, "max_tokens": 6, "logit_bias": NEVER_EOS}
+    choices = client.post(C, json=top).json()["choices"]
+    assert choices[1]["text"] == client.post(C, json=wrapped).json()["choices"][0]["text"]
+    assert choices[0]["text"] == client.post(C, json=negative).json()["choices"][0]["text"]
+
+
+def test_a_tiny_temperature_is_greedy(client):
+    greedy = client.post(C, json={"prompt": "Hi", "temperature": 0, "max_tokens": 8}).json()
+    tiny = client.post(C, json={"prompt": "Hi", "temperature": 1e-40, "max_tokens": 8, "seed": 3}).json()
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("template", "words"),
+    [
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+        ("{{ raise_exception('no system messages here') }}", "no system messages here"),
+        ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+        ("{{ messages[0].nothing.deeper }}", "UndefinedError"),
+    ],
+)
+def test_a_chat_template_that_fails_gets_a_400_naming_it(served, monkeypatch, template, words):
+    client, backend = served
+    monkeypatch.setitem(backend.tokenizer.chat_templates, "default", template)
+    response = client.post(CHAT, json={"messages": OK_MESSAGES, "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "chat template 'default'" in error["message"] and words in error["message"]
+    assert error["param"] == "messages" and error["code"] == "chat_template_error"
+
+
+def _raw_asgi(app, method: str, path: str, headers: list[tuple[bytes, bytes]], body: list[dict]) -> list:
+    """Call the ASGI app directly with these exact header bytes and receive messages (TestClient
+    re-encodes headers, and cannot leave mid-body); returns what the app sent."""
+    sent: list[dict] = []
+    messages = iter(body)
+
+    async def receive() -> dict:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": headers, "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80), "state": {},
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def _status(sent: list[dict]) -> int | None:
+    return next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+
+
+def test_a_client_that_leaves_mid_body_is_not_a_server_error(served):
+    client, _ = served
+    name = 'pyjamba_requests_total{endpoint="/v1/completions",status="499"}'
+    before = _metric(client, name) if 'status="499"' in client.get("/metrics").text else 0.0
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+    partial = {"type": "http.request", "body": b'{"prompt": "a long pro', "more_body": True}
+    sent = _raw_asgi(client.app, "POST", C, headers, [partial, {"type": "http.disconnect"}])
+    assert _status(sent) is None  # nobody to answer
+    assert _metric(client, name) == before + 1
+    assert 'status="500"' not in client.get("/metrics").text
+    _assert_still_serving(client)
+
+
+def test_the_api_key_is_compared_as_utf8_bytes(model_dir):
+    key = "clé-secrète"
+    with TestClient(create_app(_backend(model_dir), Settings(api_key=key))) as client:
+
+        def status(token: bytes) -> int | None:
+            headers = [(b"authorization", b"Bearer " + token)]
+            return _status(_raw_asgi(client.app, "GET", "/v1/models", headers, []))
+
+        assert status(key.encode("utf-8")) == 200
+        for token in (key.encode("latin-1"), key.encode("utf-8")[:-1], b"\xff\xfe", b"", key.encode() * 2):
+            assert status(token) == 401

@@ -179,21 +179,113 @@ def test_the_queue_is_bounded(engine):
     e.cancel([running, *waiting])
 
 
-def test_a_failing_model_fails_its_sequences_and_the_engine(engine, monkeypatch):
+def test_a_failing_model_step_fails_the_running_sequences_and_the_engine_recovers(engine, monkeypatch):
     e = engine(slots=2)
+    model = _model()
+    real = model.forward
+    fail = {"left": 1}
+
+    def flaky(*args, **kwargs):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", flaky)
+    seq, events = _sequence([3, 4], 5)
+    e.submit([seq])
+    failed = events.get(timeout=TIMEOUT)
+    assert isinstance(failed, Failed) and failed.status == 503 and "out of memory" in failed.message
+    # Fresh slot state, nothing leaked, and the next request is served as if nothing had happened.
+    assert e.alive and e.slots_in_use == 0
+    seq, events = _sequence([3, 4], 5, params=dict(temperature=0.0))
+    e.submit([seq])
+    tokens, _, end = _drain(events)
+    assert isinstance(end, Finished)
+    assert [t.token for t in tokens] == _generate_alone([3, 4], 5)
+
+
+def test_a_model_that_keeps_failing_stops_the_engine(engine, monkeypatch):
+    e = engine(slots=2, max_model_failures=2)
     model = _model()
 
     def broken(*args, **kwargs):
-        raise RuntimeError("out of memory")
+        raise RuntimeError("device lost")
 
-    seq, events = _sequence([3, 4], 5)
     monkeypatch.setattr(model, "forward", broken)
-    e.submit([seq])
-    assert events.get(timeout=TIMEOUT) == Failed("the engine failed")
+    first, events = _sequence([3, 4], 5)
+    e.submit([first])
+    assert "device lost" in events.get(timeout=TIMEOUT).message
+    assert e.alive
+    second, events = _sequence([3, 4], 5)
+    e.submit([second])
+    assert isinstance(events.get(timeout=TIMEOUT), Failed)
     e._thread.join(TIMEOUT)
-    assert not e.alive and "out of memory" in e.error
-    with pytest.raises(EngineUnavailable, match="out of memory"):
+    assert not e.alive and "failed 2 times in a row" in e.error and "device lost" in e.error
+    with pytest.raises(EngineUnavailable, match="device lost"):
         e.submit([_sequence([3], 1)[0]])
+
+
+def test_a_sampler_that_cannot_be_built_fails_its_sequence_alone_without_taking_a_slot(engine):
+    e = engine(slots=1)
+    bad, bad_events = _sequence([3, 4], 5, params=dict(logit_bias={10**6: 1.0}))  # beyond the vocabulary
+    good, good_events = _sequence([3, 4], 3, params=dict(temperature=0.0))
+    e.submit([bad, good])
+    failed = bad_events.get(timeout=TIMEOUT)
+    assert isinstance(failed, Failed) and failed.status == 500 and "logit_bias" in failed.message
+    tokens, _, end = _drain(good_events)  # the one slot was not leaked: the next sequence runs
+    assert isinstance(end, Finished) and [t.token for t in tokens] == _generate_alone([3, 4], 3)
+    assert e.alive and e.slots_in_use == 0 and e.idle
+
+
+def test_a_failure_while_sampling_fails_that_sequence_and_the_batch_goes_on(engine):
+    e = engine(slots=2)
+    never_stop = dict(temperature=0.0, logit_bias={2: -100.0, 5: -100.0})
+    victim, victim_events = _sequence([3, 4], 30, params=never_stop)
+    other, other_events = _sequence([6, 7], 30, params=never_stop)
+    e.submit([victim, other])
+    assert isinstance(victim_events.get(timeout=TIMEOUT), Token)
+
+    victim.sampler = _Broken(victim.sampler)  # only this sequence's sampler breaks, mid-run
+    while True:
+        event = victim_events.get(timeout=TIMEOUT)
+        if not isinstance(event, Token):
+            break
+    assert isinstance(event, Failed) and event.status == 500 and "a logits processor broke" in event.message
+    tokens, _, end = _drain(other_events)
+    assert isinstance(end, Finished) and len(tokens) == 30
+    assert e.alive and e.slots_in_use == 0
+
+
+class _Broken:
+    """A sampler whose every call raises."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, logits):
+        raise ValueError("a logits processor broke")
+
+    def observe(self, token: int) -> None:
+        self.inner.observe(token)
+
+
+def test_nan_logits_fail_the_sequence_with_a_clear_error(engine, monkeypatch):
+    e = engine(slots=2)
+    model = _model()
+    real = model.forward
+
+    def nan_forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.logits.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(model, "forward", nan_forward)
+    seq, events = _sequence([3, 4], 5, params=dict(temperature=0.0))
+    e.submit([seq])
+    failed = events.get(timeout=TIMEOUT)
+    assert isinstance(failed, Failed) and "NaN logits" in failed.message
+    assert e.alive and e.slots_in_use == 0
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):

@@ -7,13 +7,15 @@ failure, or while draining for shutdown), `GET /metrics` (Prometheus), `GET /v1/
 Before any handler runs, `Gate` checks the API key (everything but /health) and the body's size
 (its Content-Length, then the bytes actually received), and counts requests per endpoint and status.
 Bodies are parsed here rather than by FastAPI, so that every malformed one gets the OpenAI error body
-with a 400. A client that goes away cancels its sequences: streams when their response ends,
-other requests through a task that watches for the disconnect.
+with a 400 (text that is not valid Unicode included). A client that goes away cancels its sequences:
+streams when their response ends, other requests through a task that watches for the disconnect; one
+that goes away before its body has arrived is counted as 499, not as a server error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -29,6 +31,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..tokenizer import Tokenizer
@@ -45,6 +48,7 @@ __all__ = ["Backend", "ServerState", "Settings", "create_app"]
 
 logger = logging.getLogger(__name__)
 
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first: counted, never sent
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -119,6 +123,11 @@ class ServerState:
     def idle(self) -> bool:
         return self.backend is None or self.backend.engine.idle
 
+    @property
+    def engine_error(self) -> str | None:
+        """Why the engine stopped for good (None while it runs, or before it exists)."""
+        return None if self.backend is None else self.backend.engine.error
+
 
 class Gate:
     """ASGI middleware: API key, body size, request counting; nothing reaches a handler past it unchecked."""
@@ -146,27 +155,28 @@ class Gate:
                 await errors.error_response(refusal)(scope, receive, counted_send)
                 return
             await self.app(scope, self._limited(receive), counted_send)
+        except ClientDisconnect:
+            # The client left before its body arrived: nobody to answer, and not the server's fault.
+            status = CLIENT_CLOSED
+            logger.info("%s %s: the client disconnected before sending its whole body", scope["method"], path)
         finally:
             self.state.metrics.request(path if path in _ENDPOINTS else "other", status)
 
     def _refusal(self, scope: Scope) -> APIError | None:
         settings = self.state.settings
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {k.lower(): v for k, v in scope["headers"]}
         if settings.api_key is not None and scope["path"] != "/health" and scope["method"] != "OPTIONS":
-            given = headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), settings.api_key.encode()
-            ):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not _same_secret(token.strip(), settings.api_key):
                 return APIError(
                     401,
                     "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                     type="invalid_request_error",
                     code="invalid_api_key",
                 )
-        length = headers.get("content-length")
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return self._too_large(length)
+            return self._too_large(length.decode("latin-1"))
         return None
 
     def _too_large(self, size: str | int) -> APIError:
@@ -192,6 +202,13 @@ class Gate:
             return message
 
         return limited
+
+
+def _same_secret(given: bytes, key: str) -> bool:
+    """Whether the header's bytes are the key's UTF-8, in constant time: both are hashed first, so
+    neither the comparison's time nor its length check tells anything about the key's length."""
+    digest = hashlib.sha256
+    return hmac.compare_digest(digest(given).digest(), digest(key.encode("utf-8")).digest())
 
 
 class EventStream(StreamingResponse):
@@ -223,6 +240,34 @@ _KINDS = {
 }
 
 
+def _invalid_text(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(path, what) of the first string in parsed JSON that is not valid Unicode, or None; path is
+    "" for the body itself ("messages[0].content", "prompt[1]", ...).
+
+    JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer (and no UTF-8 encoder) takes.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, f"a lone surrogate {value[exc.start]!r} at character {exc.start}"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            bad_key = _invalid_text(key, path)
+            if bad_key is not None:
+                return path, f"a key holds {bad_key[1]}"
+            found = _invalid_text(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _invalid_text(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 async def _parse(request: Request, schema: type[BaseModel]) -> Any:
     raw = await request.body()  # the Gate enforces the size limit while this reads
     if not raw.strip():
@@ -234,6 +279,19 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise APIError(
             400, f"The request body must be a JSON object, got {_KINDS.get(type(data), 'something else')}"
+        )
+    try:
+        bad = _invalid_text(data)
+    except RecursionError:  # json.loads nests deeper than this walk can follow
+        raise APIError(400, "The request body nests too deeply", code="invalid_json") from None
+    if bad is not None:
+        path, what = bad
+        where = f"at '{path}'" if path else "in the body"
+        raise APIError(
+            400,
+            f"The request body holds text that is not valid Unicode {where}: {what}",
+            param=path.split(".")[0].split("[")[0] or None,
+            code="invalid_unicode",
         )
     try:
         return schema.model_validate(data)

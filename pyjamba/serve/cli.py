@@ -4,6 +4,9 @@ What a user can get wrong (no model folder, no tokenizer, a bad option) is check
 starts and reported in one line (exit code 2). The weights then load in the background while
 /health answers 503 "loading". SIGTERM or Ctrl-C drains: new requests get 503, running and queued
 ones finish (up to --shutdown-timeout seconds), then the process exits 0; a second signal exits at once.
+If the model cannot be loaded, or the engine gives up (its model step failing again and again), the
+process exits 1, so that a supervisor (systemd, Kubernetes) restarts it rather than keeping a server
+that answers 503 forever.
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ def _server_class():
             drained = self.state.draining and (
                 self.state.idle() or time.monotonic() > (self.drain_deadline or 0)
             )
-            if drained or self.state.load_error is not None:
+            # A dead engine would answer 503 forever: exit (non-zero) so that a supervisor restarts us.
+            if drained or self.state.load_error is not None or self.state.engine_error is not None:
                 self.should_exit = True
             return await super().on_tick(counter)
 
@@ -174,5 +178,8 @@ def main(argv: list[str]) -> int:
         return int(exc.code or 1)
     if state.load_error is not None:
         print(f"pyjamba serve: error: could not load the model: {state.load_error}", file=sys.stderr)
+        return 1
+    if state.engine_error is not None:
+        print(f"pyjamba serve: error: the engine failed: {state.engine_error}", file=sys.stderr)
         return 1
     return 0

@@ -12,6 +12,13 @@ slots between steps), the slots (slots.py), and the step loop. Each step:
 A sequence ends at an end-of-sequence token ("stop"), at `max_tokens` ("length"), or when cancelled.
 Token ids in, token ids out: text (detokenizing, stop strings) is the server's business.
 
+Failures are contained where they belong. Whatever raises for one sequence (building its sampler at
+admission, sampling, its logprobs, delivering its events) fails that sequence alone (`Failed`, status
+500) and frees its slot; the others go on. A forward call that raises fails the sequences running
+(status 503: retry) and the engine starts again from fresh slot state, with the queue kept; after
+`max_model_failures` such failures in a row (a device lost, weights broken) the engine stops for
+good, with `error` set, so that `pyjamba serve` exits non-zero and a supervisor restarts it.
+
 Threading: only the engine thread runs the model (torch releases the GIL inside its kernels, so the
 event loop keeps serving HTTP meanwhile). `submit` and `cancel` may be called from any thread;
 results leave through each sequence's `emit`, called in the engine thread, and `after_step` once a
@@ -34,7 +41,7 @@ import torch
 
 from ..model import JambaForCausalLM
 from .sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
-from .slots import SlotPool
+from .slots import SlotBatch, SlotPool
 
 __all__ = [
     "Engine",
@@ -76,7 +83,11 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
+    """The sequence ended without an answer. status: 500 (its own fault: sampling, delivery), 503 (the
+    model step failed, or the engine stopped: worth a retry)."""
+
     message: str
+    status: int = 503
 
 
 Event = PromptLogprobs | Token | Finished | Failed
@@ -88,6 +99,10 @@ class QueueFull(Exception):
 
 class EngineUnavailable(Exception):
     """The engine has stopped, or died (the message says why)."""
+
+
+class ModelStepFailed(Exception):
+    """A forward call raised: the state of the slots it ran on can no longer be trusted."""
 
 
 class Observer(Protocol):
@@ -140,7 +155,10 @@ class Engine:
         max_context: int | None = None,
         observer: Observer | None = None,
         after_step: Callable[[], None] | None = None,
+        max_model_failures: int = 3,
     ) -> None:
+        if max_model_failures < 1:
+            raise ValueError(f"max_model_failures must be at least 1, got {max_model_failures}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         if max_queue < 1:
@@ -155,17 +173,21 @@ class Engine:
         self.observer = observer
         # Called after each step's events: lets a listener hand them over in one batch (app.Mailbox).
         self.after_step = after_step
-        weight = model.lm_head.weight
-        self.device = weight.device
-        self.pool = SlotPool(
-            model.config, slots, capacity=min(256, self.max_context), dtype=weight.dtype, device=weight.device
-        )
+        self.max_model_failures = max_model_failures
+        self.model_failures = 0  # in a row
+        self.device = model.lm_head.weight.device
+        self.pool = self._new_pool(slots)
         self.error: str | None = None
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # holding a slot, in admission order
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    def _new_pool(self, slots: int) -> SlotPool:
+        weight = self.model.lm_head.weight
+        capacity = min(256, self.max_context)
+        return SlotPool(self.model.config, slots, capacity=capacity, dtype=weight.dtype, device=weight.device)
 
     # ---- any thread -----------------------------------------------------------------------
 
@@ -258,9 +280,11 @@ class Engine:
                         if self._stopping:
                             break
                         self._drop_cancelled()
-                        self._admit()
+                        refused = self._admit()
+                    for seq, message in refused:
+                        self._emit(seq, Failed(message, status=500))
                     self._step()  # outside the lock: submit and cancel never wait for a forward
-        except Exception as exc:
+        except Exception as exc:  # a model that keeps failing, or a bug in the engine itself
             logger.exception("the engine failed")
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -275,12 +299,22 @@ class Engine:
         for seq in [s for s in self._running if s.cancelled]:
             self._release(seq)
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[tuple[Sequence, str]]:
+        """Move waiting sequences into free slots; returns those refused (their sampler could not be
+        built), with why, to be failed outside the lock. A sequence is always in exactly one place:
+        the queue, the running list with a slot, or the refused list with none."""
+        refused = []
         while self._waiting and self.pool.in_use < self.pool.slots:
             seq = self._waiting.popleft()
+            try:
+                seq.sampler = Sampler(seq.params, seq.prompt, self.vocab_size)
+            except Exception as exc:
+                logger.exception("could not set up sampling for a sequence")
+                refused.append((seq, f"invalid sampling settings: {type(exc).__name__}: {exc}"))
+                continue
             seq.slot = self.pool.acquire()
-            seq.sampler = Sampler(seq.params, seq.prompt, self.vocab_size)
             self._running.append(seq)
+        return refused
 
     def _release(self, seq: Sequence) -> None:
         self._running.remove(seq)
@@ -307,19 +341,83 @@ class Engine:
             logger.exception("could not deliver an event; cancelling the sequence")
             seq.cancelled = True
 
+    def _fail(self, seq: Sequence, message: str, status: int) -> None:
+        """End one sequence with Failed and free its slot."""
+        with self._cond:
+            if seq in self._running:
+                self._release(seq)
+        self._emit(seq, Failed(message, status))
+
+    def _observe(self, report: Callable[[], None]) -> None:
+        """Report to the observer (metrics); a broken observer is logged, never fatal."""
+        if self.observer is None:
+            return
+        try:
+            report()
+        except Exception:
+            logger.exception("the engine's observer failed")
+
+    def _after_step(self) -> None:
+        if self.after_step is None:
+            return
+        try:
+            self.after_step()
+        except Exception:
+            logger.exception("the engine's after_step callback failed")
+
     def _step(self) -> None:
         start = time.perf_counter()
         prefilled = 0
-        prefilling = next((s for s in self._running if s.prefilled < len(s.prompt) and not s.cancelled), None)
-        if prefilling is not None:
-            prefilled = self._prefill(prefilling)
-        decoding = [s for s in self._running if s.next_token is not None and not s.cancelled]
-        if decoding:
-            self._decode(sorted(decoding, key=lambda s: s.slot))
-        if self.after_step is not None:
-            self.after_step()
-        if self.observer is not None and (prefilled or decoding):
-            self.observer.step(len(decoding), prefilled, time.perf_counter() - start)
+        decoding: list[Sequence] = []
+        try:
+            prefilling = next(
+                (s for s in self._running if s.prefilled < len(s.prompt) and not s.cancelled), None
+            )
+            if prefilling is not None:
+                prefilled = self._prefill(prefilling)
+            decoding = [s for s in self._running if s.next_token is not None and not s.cancelled]
+            if decoding:
+                self._decode(sorted(decoding, key=lambda s: s.slot))
+        except ModelStepFailed as exc:
+            self._recover(exc)
+        self._after_step()
+        if prefilled or decoding:
+            seconds = time.perf_counter() - start
+            self._observe(lambda: self.observer.step(len(decoding), prefilled, seconds))
+
+    def _forward(self, ids: torch.Tensor, batch: SlotBatch, **kwargs: object) -> torch.Tensor:
+        """The model on these slots: float32 logits, the slots' state committed; raises ModelStepFailed."""
+        try:
+            logits = self.model(ids, cache=batch, **kwargs).logits.float()
+            batch.commit()
+        except Exception as exc:
+            raise ModelStepFailed(f"{type(exc).__name__}: {exc}") from exc
+        self.model_failures = 0
+        return logits
+
+    def _recover(self, exc: ModelStepFailed) -> None:
+        """After a failed forward: fail the running sequences, start again from fresh slot state
+        (a forward that raised midway may have left any slot it touched half-updated), keep the queue.
+        Too many failures in a row: give up (raise), so that the process can be restarted."""
+        self.model_failures += 1
+        logger.error(
+            "the model step failed (%d in a row, at most %d): %s",
+            self.model_failures,
+            self.max_model_failures,
+            exc,
+            exc_info=exc.__cause__,
+        )
+        with self._cond:
+            failed = list(self._running)
+            for seq in failed:
+                self._release(seq)
+                seq.next_token = None
+            self.pool = self._new_pool(self.pool.slots)
+        message = f"the model step failed ({exc}); the request can be retried"
+        for seq in failed:
+            self._emit(seq, Failed(message, status=503))
+        if self.model_failures >= self.max_model_failures:
+            raise RuntimeError(f"the model step failed {self.model_failures} times in a row; last: {exc}")
 
     def _prefill(self, seq: Sequence) -> int:
         """Feed the next chunk of a prompt (returns its length); after the last one, sample the first token."""
@@ -328,49 +426,64 @@ class Engine:
         batch = self.pool.batch([seq.slot])
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, L)
         keep = 0 if seq.prompt_logprobs is not None else 1  # all positions only when scoring the prompt
-        logits = self.model(ids, cache=batch, logits_to_keep=keep).logits[0].float()  # (L or 1, V)
-        batch.commit()
+        logits = self._forward(ids, batch, logits_to_keep=keep)[0]  # (L or 1, V)
         seq.prefilled += len(chunk)
         if seq.prompt_logprobs is not None:
-            # Position t predicts token t + 1: this chunk scores the prompt's tokens start+1 ... start+L.
-            targets = seq.prompt[start + 1 : start + len(chunk) + 1]
-            entries: list[TokenLogprob | None] = [None] if start == 0 else []
-            if targets:
-                target_ids = torch.tensor(targets, device=logits.device)
-                entries += logprobs_of(logits[: len(targets)], target_ids, seq.prompt_logprobs)
-            self._emit(seq, PromptLogprobs(entries))
+            try:
+                self._emit(seq, PromptLogprobs(self._prompt_logprobs(seq, start, len(chunk), logits)))
+            except Exception as exc:
+                logger.exception("scoring a prompt failed")
+                self._fail(seq, f"scoring the prompt failed: {type(exc).__name__}: {exc}", 500)
+                return len(chunk)
         if seq.prefilled < len(seq.prompt):
             return len(chunk)
-        if self.observer is not None:
-            self.observer.prompt_tokens(len(seq.prompt))
+        self._observe(lambda: self.observer.prompt_tokens(len(seq.prompt)))
         if seq.max_tokens == 0:
             self._finish(seq, "length")
         else:
             self._accept(seq, logits[-1:])
         return len(chunk)
 
+    @staticmethod
+    def _prompt_logprobs(
+        seq: Sequence, start: int, length: int, logits: torch.Tensor
+    ) -> list[TokenLogprob | None]:
+        """Entries for the prompt tokens a chunk scores: position t predicts token t + 1, so the chunk
+        at `start` scores tokens start+1 ... start+length (the very first token gets None)."""
+        targets = seq.prompt[start + 1 : start + length + 1]
+        entries: list[TokenLogprob | None] = [None] if start == 0 else []
+        if targets:
+            target_ids = torch.tensor(targets, device=logits.device)
+            entries += logprobs_of(logits[: len(targets)], target_ids, seq.prompt_logprobs)
+        return entries
+
     def _decode(self, seqs: list[Sequence]) -> None:
         """One token for each sequence, all in one forward call."""
         batch = self.pool.batch([s.slot for s in seqs])
         tokens = torch.tensor([[s.next_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
-        logits = self.model(tokens, attention_mask=batch.attention_mask(1), cache=batch).logits[:, -1].float()
-        batch.commit()
+        logits = self._forward(tokens, batch, attention_mask=batch.attention_mask(1))[:, -1]  # (B, V)
         for row, seq in enumerate(seqs):
             seq.next_token = None
             self._accept(seq, logits[row : row + 1])
 
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample the sequence's next token from its logits (1, V), report it, and end it if it is done."""
-        token = seq.sampler(logits)
-        seq.sampler.observe(token)
-        logprob = None
-        if seq.logprobs is not None:
-            logprob = logprobs_of(logits, torch.tensor([token], device=logits.device), seq.logprobs)[0]
+        """Sample the sequence's next token from its logits (1, V), report it, and end it if it is done.
+        Anything that raises here belongs to this sequence alone: it fails, the batch goes on."""
+        try:
+            token = seq.sampler(logits)
+            seq.sampler.observe(token)
+            logprob = None
+            if seq.logprobs is not None:
+                logprob = logprobs_of(logits, torch.tensor([token], device=logits.device), seq.logprobs)[0]
+        except Exception as exc:
+            logger.exception("sampling failed for a sequence")
+            self._fail(seq, f"sampling failed: {type(exc).__name__}: {exc}", 500)
+            return
         seq.generated += 1
         now = time.perf_counter()
-        if self.observer is not None:
-            first = seq.generated == 1
-            self.observer.generated_token(first, now - (seq.submitted_at if first else seq.last_token_at))
+        first = seq.generated == 1
+        waited = now - (seq.submitted_at if first else seq.last_token_at)
+        self._observe(lambda: self.observer.generated_token(first, waited))
         seq.last_token_at = now
         self._emit(seq, Token(token, logprob))
         if token in seq.stop_tokens:

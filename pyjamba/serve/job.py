@@ -5,13 +5,15 @@ after each step the mailbox hands the step's events to the event loop at once, i
 asyncio queue. `Job.updates()` reads that queue and yields
 one `Update` per change of a choice: text made final, logprobs, prompt logprobs, the finish. A choice
 that reaches a stop string is cancelled in the engine at once (its slot is freed); so is every
-unfinished choice when the job is closed (the client went away, or an error).
+unfinished choice when the job is closed (the client went away, or an error). A choice whose tokens
+cannot be turned into text fails the request (500) and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ from .sampling import TokenLogprob
 from .text import ChoiceText
 
 __all__ = ["Job", "Mailbox", "Update"]
+
+logger = logging.getLogger(__name__)
 
 
 class Mailbox:
@@ -152,7 +156,19 @@ class Job:
             index, event = item
             if self.finished[index]:
                 continue  # after a stop string: tokens already on their way are not part of the answer
-            update = self._apply(index, event)
+            try:
+                update = self._apply(index, event)
+            except APIError:
+                raise
+            except Exception as exc:  # detokenizing or stop strings broke: this request alone fails
+                logger.exception("could not turn choice %d's tokens into text", index)
+                self.close()
+                raise APIError(
+                    500,
+                    f"The request could not be completed: its text could not be decoded "
+                    f"({type(exc).__name__}: {exc})",
+                    code="decoding_failed",
+                ) from exc
             if update is not None:
                 yield update
 
@@ -177,7 +193,8 @@ class Job:
             )
         if isinstance(event, Failed):
             self.close()
-            raise APIError(503, f"The request could not be completed: {event.message}", code="engine_failed")
+            code = "engine_failed" if event.status == 503 else "sequence_failed"
+            raise APIError(event.status, f"The request could not be completed: {event.message}", code=code)
         raise TypeError(f"unknown engine event {event!r}")
 
     def _end(self, index: int) -> None:
