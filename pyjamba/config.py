@@ -1,6 +1,8 @@
 """JambaConfig: the architecture only, with the field names and defaults of Hugging Face's `config.json`.
 
 Runtime knobs (device, dtype, kernels, compile) are not here; they belong to whoever runs the model.
+Validation bounds every size and the total parameter count, so that a config.json with an absurd
+field is refused with a ConfigError before anything is built from it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "ConfigError", "JambaConfig"]
+__all__ = ["MAX_PARAMS", "MAX_SIZES", "PRESETS", "ConfigError", "JambaConfig"]
 
 
 class ConfigError(ValueError):
     """A config that is not Jamba's, or whose fields break a rule; the message names the field."""
+
+
+# Upper bounds on the sizes. Each lies far above every Jamba released (Jamba 1.5 Large: hidden 8192,
+# intermediate 24576, 72 layers, 64 heads, 16 experts, vocab 65536, context 262144) and far below
+# sizes whose model could never be allocated: a config.json with hidden_size 2**40 is an error to
+# report, not a model to try to build. num_attention_heads <= hidden_size and num_key_value_heads <=
+# num_attention_heads follow from the divisibility rules; num_experts_per_tok <= num_experts is a rule.
+MAX_SIZES: dict[str, int] = {
+    "vocab_size": 2**22,  # 4M tokens: 64x Jamba's, 16x the largest vocabularies in use (256K)
+    "hidden_size": 2**16,  # 8x Jamba 1.5 Large
+    "intermediate_size": 2**20,  # 42x Jamba 1.5 Large
+    "num_hidden_layers": 4096,  # 57x Jamba 1.5 Large
+    "num_experts": 4096,  # 256x Jamba; fine-grained MoEs use a few hundred
+    "mamba_d_state": 1024,  # 64x Jamba's 16; Mamba-2 uses up to 256
+    "mamba_d_conv": 64,  # 16x Jamba's 4
+    "mamba_expand": 64,  # 32x Jamba's 2
+    "max_position_embeddings": 2**24,  # 16M tokens, 64x Jamba's 256K: the server sizes caches from it
+}
+# The fields can each be within bounds and still multiply to an impossible model (4096 layers of
+# 4096 experts): the total parameter count is bounded too. 10**13 is 25x Jamba 1.5 Large (398B),
+# 20 TB in bfloat16.
+MAX_PARAMS = 10**13
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # Keys that early checkpoints (Jamba v0.1's remote code) or transformers write, which carry no
@@ -137,13 +165,18 @@ class JambaConfig:
         ]
         for name in positive:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not _is_int(value):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
+            if name in MAX_SIZES and value > MAX_SIZES[name]:
+                raise ConfigError(f"{name} ({value}) exceeds its bound {MAX_SIZES[name]}")
+        for name in ("tie_word_embeddings", "mamba_conv_bias", "mamba_proj_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("attn_layer_offset", "expert_layer_offset"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         if self.attn_layer_offset >= self.attn_layer_period:
             raise ConfigError(
@@ -170,13 +203,14 @@ class JambaConfig:
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must not exceed "
                 f"num_experts ({self.num_experts})"
             )
-        if self.mamba_dt_rank != "auto" and (
-            isinstance(self.mamba_dt_rank, bool)
-            or not isinstance(self.mamba_dt_rank, int)
-            or self.mamba_dt_rank <= 0
-        ):
+        if self.mamba_dt_rank != "auto" and not (_is_int(self.mamba_dt_rank) and self.mamba_dt_rank > 0):
             raise ConfigError(
                 f"mamba_dt_rank must be 'auto' or a positive integer, got {self.mamba_dt_rank!r}"
+            )
+        if self.dt_rank > self.mamba_inner:  # a rank above the width dt is projected to adds nothing
+            raise ConfigError(
+                f"mamba_dt_rank ({self.dt_rank}) exceeds its bound mamba_expand * hidden_size "
+                f"({self.mamba_inner})"
             )
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act must be 'silu' (Jamba's only activation), got {self.hidden_act!r}")
@@ -184,11 +218,28 @@ class JambaConfig:
             raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
-            if value is not None and not (0 <= value < self.vocab_size):
-                raise ConfigError(f"{name} ({value}) must lie in [0, vocab_size={self.vocab_size})")
+            if value is not None and not (_is_int(value) and 0 <= value < self.vocab_size):
+                raise ConfigError(f"{name} ({value!r}) must lie in [0, vocab_size={self.vocab_size})")
+        if not (self.eos_token_id is None or isinstance(self.eos_token_id, (int, list))):
+            raise ConfigError(f"eos_token_id must be an integer or a list of them, got {self.eos_token_id!r}")
         for eos in self.eos_token_ids:
-            if not (isinstance(eos, int) and 0 <= eos < self.vocab_size):
+            if not (_is_int(eos) and 0 <= eos < self.vocab_size):
                 raise ConfigError(f"eos_token_id ({eos!r}) must lie in [0, vocab_size={self.vocab_size})")
+        self._check_total_params()
+
+    def _check_total_params(self) -> None:
+        """The parameter count against MAX_PARAMS, counted from the fields alone (no model is built)."""
+        from .accounting import param_breakdown  # accounting imports this module
+
+        breakdown = param_breakdown(self)
+        total = sum(breakdown.values())
+        if total > MAX_PARAMS:
+            largest = max(breakdown, key=breakdown.__getitem__)
+            raise ConfigError(
+                f"the config describes {total:,} parameters ({largest}: {breakdown[largest]:,}), more than "
+                f"the bound of {MAX_PARAMS:,}: check hidden_size, intermediate_size, num_experts, "
+                "num_hidden_layers and vocab_size"
+            )
 
     # ---- dict and file I/O ---------------------------------------------------------------------
     @classmethod
@@ -232,7 +283,7 @@ class JambaConfig:
             raise FileNotFoundError(f"no config file at {path}")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # also an int of over 4300 digits, deep nesting
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
         try:
             return cls.from_dict(data)
@@ -241,8 +292,16 @@ class JambaConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> JambaConfig:
-        """Read `config.json` from a model folder (or the file itself)."""
+        """Read `config.json` from a model folder (or the file itself).
+
+        A model folder missing because a save was killed midway is first put back (see
+        `checkpoint.recover_folder`).
+        """
         path = Path(path)
+        if not path.exists():
+            from .checkpoint import recover_folder  # torch comes with it: imported only when needed
+
+            recover_folder(path.parent if path.name == "config.json" else path)
         return cls.from_json_file(path / "config.json" if path.is_dir() else path)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import recover_folder
 from .generate import GenerationConfig, stream
 from .hugepages import move_to_huge_pages
 from .model import JambaForCausalLM
@@ -44,6 +45,7 @@ def resolve_model(source: str | os.PathLike | None) -> Path:
             )
         return SHIPPED_MODEL
     path = Path(source).expanduser()
+    recover_folder(path)  # a save interrupted between its two renames left the previous version aside
     if path.is_dir():
         return path
     text = str(source)

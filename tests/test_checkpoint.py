@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -13,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pyjamba import checkpoint
 from pyjamba.checkpoint import (
     CheckpointError,
     auto_dtype,
@@ -20,6 +29,7 @@ from pyjamba.checkpoint import (
     from_hf,
     from_pretrained,
     parse_size,
+    recover_folder,
     save_pretrained,
     to_hf,
 )
@@ -374,7 +384,74 @@ def test_tied_head_in_the_file_must_equal_the_embedding(tmp_path):
     _load_error(tmp_path, "model.safetensors", "lm_head.weight", "tie_word_embeddings")
 
 
+def test_empty_or_foreign_weight_files(saved, sharded):
+    single = saved / "model.safetensors"
+    for content in (b"", b"not safetensors at all, but text\n" * 8, b"\x10\x00\x00\x00\x00\x00\x00\x00[]"):
+        single.write_bytes(content)
+        _load_error(saved, str(single), "not a readable safetensors file")
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    shard.write_bytes(b"")
+    _load_error(sharded, str(shard), "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '"jamba"', "1" * 5000, "[" * 100_000])
+def test_config_json_that_is_not_an_object(saved, text):
+    (saved / "config.json").write_text(text)
+    _load_error(saved, str(saved / "config.json"), error=ConfigError)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"weight_map": {"a": ' + "1" * 5000 + "}}", "[]"])
+def test_index_that_is_not_an_object(sharded, text):
+    (sharded / "model.safetensors.index.json").write_text(text)
+    _load_error(sharded, "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_unreadable_file_is_named(sharded, monkeypatch, name):
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    _load_error(sharded, name, "cannot be read", "Permission denied")
+
+
+@pytest.mark.parametrize(("field", "value"), [("hidden_size", 2**40), ("num_experts", 10**9)])
+def test_absurd_config_is_refused_before_the_model_is_built(saved, monkeypatch, field, value):
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps(dict(config, **{field: value})))
+    monkeypatch.setattr(checkpoint, "JambaForCausalLM", lambda *a, **k: pytest.fail("a model was built"))
+    start = time.perf_counter()
+    _load_error(saved, "config.json", f"{field} ({value}) exceeds its bound", error=ConfigError)
+    assert time.perf_counter() - start < 5
+
+
 # ---- atomic saving --------------------------------------------------------------------------------
+def _exchange_works(where: Path) -> bool:
+    a, b = where / "probe-a", where / "probe-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return checkpoint._exchange(a, b)
+    finally:
+        a.rmdir()
+        b.rmdir()
+
+
+@pytest.fixture(params=["exchange", "two renames"])
+def replace_mode(request, tmp_path, monkeypatch) -> str:
+    """Each way save_pretrained replaces a folder: the atomic exchange, and the fallback forced."""
+    if request.param == "exchange" and not _exchange_works(tmp_path):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
+    if request.param == "two renames":
+        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    return request.param
+
+
+@pytest.mark.usefixtures("replace_mode")
 def test_save_replaces_an_existing_checkpoint_and_keeps_other_files(tmp_path):
     folder = tmp_path / "ck"
     first, second = random_model(ARCHS["moe"], seed=1), random_model(ARCHS["moe"], seed=2)
@@ -390,6 +467,7 @@ def test_save_replaces_an_existing_checkpoint_and_keeps_other_files(tmp_path):
     _assert_same_state(from_pretrained(folder), first)
 
 
+@pytest.mark.usefixtures("replace_mode")
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     folder = tmp_path / "ck"
     save_pretrained(random_model(ARCHS["moe"], seed=1), folder)
@@ -409,3 +487,152 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert _digest(folder) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
     from_pretrained(folder)
+
+
+# A save killed with SIGKILL (no handler runs) at one step of replacing the folder.
+_KILLED_SAVE = """
+import json, os, signal, sys
+from pyjamba import checkpoint
+from pyjamba.testing import random_model
+
+folder, arch, step = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if step == "between the two renames":
+    checkpoint._exchange = lambda a, b: False
+    rename = os.rename
+    def rename_then_die(src, dst):
+        rename(src, dst)
+        if ".old-" in os.fspath(dst):
+            die()
+    os.rename = rename_then_die
+else:  # after the exchange, before the previous version is deleted
+    checkpoint._remove_previous = die
+checkpoint.save_pretrained(random_model(arch, seed=2), folder)
+"""
+
+
+def _killed_save(folder: Path, step: str) -> None:
+    args = [sys.executable, "-c", _KILLED_SAVE, str(folder), json.dumps(ARCHS["moe"]), step]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+def _others(where: Path) -> list[str]:
+    return sorted(p.name for p in where.iterdir() if p.name != "ck")
+
+
+def test_kill_between_the_two_renames_is_recovered(tmp_path, caplog):
+    folder = tmp_path / "ck"
+    first = random_model(ARCHS["moe"], seed=1)
+    save_pretrained(first, folder)
+    (folder / "tokenizer.json").write_text("{}")
+    _killed_save(folder, "between the two renames")
+    assert not folder.exists()
+    assert [name[:8] for name in _others(tmp_path)] == [".ck.old-", ".ck.tmp-"]
+    with caplog.at_level(logging.WARNING, logger="pyjamba.checkpoint"):
+        _assert_same_state(from_pretrained(folder), first)
+    assert "a save was interrupted" in caplog.text
+    assert (folder / "tokenizer.json").read_text() == "{}"
+    save_pretrained(random_model(ARCHS["moe"], seed=3), folder)  # deletes the killed save's folder
+    assert _others(tmp_path) == []
+    assert (folder / "tokenizer.json").is_file()
+
+
+def test_kill_after_the_exchange_leaves_the_new_checkpoint(tmp_path):
+    if not _exchange_works(tmp_path):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
+    folder = tmp_path / "ck"
+    save_pretrained(random_model(ARCHS["moe"], seed=1), folder)
+    _killed_save(folder, "after the exchange")
+    _assert_same_state(from_pretrained(folder), random_model(ARCHS["moe"], seed=2))
+    assert [name[:8] for name in _others(tmp_path)] == [".ck.tmp-"]  # the previous version
+    save_pretrained(random_model(ARCHS["moe"], seed=3), folder)
+    assert _others(tmp_path) == []
+
+
+def test_recovery_takes_only_a_complete_previous_folder(tmp_path):
+    folder = tmp_path / "ck"
+    model = random_model(ARCHS["moe"])
+    save_pretrained(model, folder, max_shard_size=SMALL_SHARD)
+    aside = tmp_path / ".ck.old-0123abcd"
+    os.rename(folder, aside)  # what a kill between the two renames leaves
+    newer = tmp_path / ".ck.old-ffffffff"  # incomplete: no weights
+    newer.mkdir()
+    (newer / "config.json").write_text((aside / "config.json").read_text())
+    shard = next(aside.glob("model-*.safetensors"))
+    shard.rename(tmp_path / "away")
+    _load_error(folder, "no checkpoint folder")
+    with pytest.raises(FileNotFoundError):
+        JambaConfig.from_pretrained(folder)
+    assert _others(tmp_path) == [".ck.old-0123abcd", ".ck.old-ffffffff", "away"]
+
+    (tmp_path / "away").rename(shard)
+    assert JambaConfig.from_pretrained(folder) == model.config  # reading the config recovers too
+    assert _others(tmp_path) == [".ck.old-ffffffff"]
+    assert not recover_folder(folder)
+    _assert_same_state(from_pretrained(folder), model)
+
+
+def test_a_load_between_the_two_renames_waits_for_the_save(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    folder = tmp_path / "ck"
+    save_pretrained(random_model(ARCHS["moe"], seed=1), folder)
+    second = random_model(ARCHS["moe"], seed=2)
+    rename, loaded, readers = os.rename, [], []
+
+    def rename_then_load(src, dst):
+        rename(src, dst)
+        if ".old-" in os.fspath(dst):  # between the two renames: a reader finds no folder
+            reader = threading.Thread(target=lambda: loaded.append(from_pretrained(folder)))
+            reader.start()
+            reader.join(0.5)
+            assert reader.is_alive()  # waiting for the save, not putting the old folder back
+            readers.append(reader)
+
+    monkeypatch.setattr(os, "rename", rename_then_load)
+    save_pretrained(second, folder)
+    readers[0].join(60)
+    _assert_same_state(loaded[0], second)
+    assert _others(tmp_path) == []
+
+
+def test_next_save_deletes_only_its_own_unused_leftovers(tmp_path):
+    folder = tmp_path / "ck"
+    save_pretrained(random_model(ARCHS["moe"], seed=1), folder)
+    stale = [f".ck.tmp-{'a' * 32}", ".ck.tmp-x_9abcde", ".ck.old-0123abcd"]  # the last two: mkdtemp, aside
+    busy = f".ck.tmp-{'b' * 32}"  # a save in progress holds its folder locked
+    others = [".ck.old-backup", f".other.tmp-{'c' * 32}", "ck.tmp-0123abcd", ".ck.tmp-0123abcd.keep"]
+    for name in [*stale, busy, *others]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text("x")
+    (tmp_path / ".ck.old-deadbeef").symlink_to(tmp_path / "ck.tmp-0123abcd")
+    past = time.time() - 60
+    for path in tmp_path.iterdir():
+        os.utime(path, (past, past), follow_symlinks=False)
+    fd = os.open(tmp_path / busy, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        save_pretrained(random_model(ARCHS["moe"], seed=2), folder)
+        assert _others(tmp_path) == sorted([busy, *others, ".ck.old-deadbeef"])
+    finally:
+        os.close(fd)
+    save_pretrained(random_model(ARCHS["moe"], seed=3), folder)
+    assert _others(tmp_path) == sorted([*others, ".ck.old-deadbeef"])
+    assert (tmp_path / "ck.tmp-0123abcd" / "file").is_file()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+@pytest.mark.usefixtures("replace_mode")
+def test_saved_folder_has_ordinary_permissions(tmp_path, umask):
+    folder = tmp_path / "ck"
+    old = os.umask(umask)
+    try:
+        for seed in (1, 2):  # a new folder, then one replacing it
+            save_pretrained(random_model(ARCHS["moe"], seed=seed), folder, max_shard_size=SMALL_SHARD)
+            assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+            assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o666 & ~umask}
+    finally:
+        os.umask(old)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from pyjamba.config import PRESETS, ConfigError, JambaConfig
+from pyjamba.accounting import total_params
+from pyjamba.config import MAX_PARAMS, MAX_SIZES, PRESETS, ConfigError, JambaConfig
+from pyjamba.testing import PARITY_CONFIGS
 
 
 def test_defaults_match_transformers():
@@ -78,6 +81,10 @@ def test_eos_may_be_a_list():
         (dict(eos_token_id=70000), "eos_token_id (70000) must lie in"),
         (dict(rms_norm_eps=0), "rms_norm_eps must be a positive number"),
         (dict(hidden_act="gelu"), "hidden_act must be 'silu'"),
+        (dict(pad_token_id="0"), "pad_token_id ('0') must lie in"),
+        (dict(eos_token_id=2.0), "eos_token_id must be an integer or a list of them, got 2.0"),
+        (dict(tie_word_embeddings="yes"), "tie_word_embeddings must be true or false"),
+        (dict(mamba_conv_bias=1), "mamba_conv_bias must be true or false"),
     ],
 )
 def test_validation_names_field_and_rule(changes, message):
@@ -126,3 +133,68 @@ def test_presets():
     assert [i for i in range(32) if v01.is_moe_layer(i)] == list(range(1, 32, 2))
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         JambaConfig.from_preset("nope")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_experts", 10**9),
+        ("hidden_size", 2**40),
+        ("intermediate_size", 2**21),
+        ("num_hidden_layers", 10**6),
+        ("vocab_size", 2**40),
+        ("mamba_d_state", 2**20),
+        ("mamba_d_conv", 2**20),
+        ("mamba_expand", 2**20),
+        ("max_position_embeddings", 2**40),
+    ],
+)
+def test_absurd_sizes_name_the_field_and_bound(field, value):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        JambaConfig(**{field: value})
+    assert f"{field} ({value}) exceeds its bound {MAX_SIZES[field]}" in str(info.value)
+    assert time.perf_counter() - start < 1
+
+
+def test_explicit_dt_rank_is_bounded_by_the_mamba_width():
+    assert (
+        JambaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mamba_dt_rank=128).dt_rank
+        == 128
+    )
+    with pytest.raises(
+        ConfigError, match=r"mamba_dt_rank \(129\) exceeds its bound mamba_expand \* hidden_size \(128\)"
+    ):
+        JambaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, mamba_dt_rank=129)
+
+
+def test_total_parameters_are_bounded():
+    # Every field within its bound, the product not: 4096 layers of 4096 experts of 3 x 8192 x 2**20.
+    huge = dict(hidden_size=8192, intermediate_size=2**20, num_hidden_layers=4096, num_experts=4096)
+    with pytest.raises(ConfigError) as info:
+        JambaConfig(**huge)
+    message = str(info.value)
+    assert f"more than the bound of {MAX_PARAMS:,}" in message and "experts" in message
+    count = int(message.split(" parameters")[0].split()[-1].replace(",", ""))
+    assert count > MAX_PARAMS
+
+
+def test_presets_and_test_configs_are_within_bounds():
+    for name in PRESETS:
+        assert total_params(JambaConfig.from_preset(name)) < MAX_PARAMS / 10, name
+    for fields in PARITY_CONFIGS.values():
+        JambaConfig(**fields)  # validates
+    widest = JambaConfig(**dict(PRESETS["jamba-1.5-large"], hidden_size=MAX_SIZES["hidden_size"]))
+    assert total_params(widest) < MAX_PARAMS  # Jamba 1.5 Large at the bound of the width: 4.7T
+
+
+def test_absurd_config_json_is_refused_with_the_file_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "jamba", "hidden_size": 2**40}))
+    with pytest.raises(
+        ConfigError, match=r"config\.json: hidden_size \(1099511627776\) exceeds its bound 65536"
+    ):
+        JambaConfig.from_pretrained(tmp_path)
+    for text in ('{"hidden_size": ' + "9" * 5000 + "}", "[" * 100_000):  # too many digits, too deep
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match=r"config\.json is not valid JSON"):
+            JambaConfig.from_pretrained(tmp_path)
