@@ -562,3 +562,20 @@ def test_the_api_key_is_compared_as_utf8_bytes(model_dir):
         assert status(key.encode("utf-8")) == 200
         for token in (key.encode("latin-1"), key.encode("utf-8")[:-1], b"\xff\xfe", b"", key.encode() * 2):
             assert status(token) == 401
+
+
+def test_a_choice_whose_text_cannot_be_decoded_fails_its_request_alone(served, monkeypatch):
+    client, _ = served
+
+    def broken(self, token, logprob=None):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("pyjamba.serve.job.ChoiceText.push", broken)
+        whole = client.post(C, json={"prompt": "hi", "max_tokens": 4})
+        assert whole.status_code == 500, whole.text
+        error = whole.json()["error"]
+        assert error["code"] == "decoding_failed" and "could not be decoded" in error["message"]
+        streamed = _events(client.post(C, json={"prompt": "hi", "max_tokens": 4, "stream": True}))
+        assert streamed[-1] == "[DONE]" and streamed[-2]["error"]["code"] == "decoding_failed"
+    _assert_still_serving(client)
