@@ -34,8 +34,11 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def make_corpus(root: Path) -> tuple[Path, Path]:
     """A tokenizer and token arrays from a few dozen short documents."""
-    root = tmp_path_factory.mktemp("corpus")
     words = TEXT.split()
     docs = [" ".join(words[i % 20 :] + words[: i % 20]) for i in range(40)]
     (root / "text.txt").write_text("\n\n".join(docs) + "\n")

@@ -19,6 +19,7 @@ BASE = {"model": {"preset": "jamba-tiny"}, "data": {"tokens": "t"}}
 def test_recipe_defaults_and_types():
     recipe = TrainRecipe.from_dict(BASE)
     assert recipe.optim.betas == (0.9, 0.95)
+    assert recipe.train.max_bad_steps == 5
     assert recipe.to_dict()["optim"]["betas"] == [0.9, 0.95]
     recipe = TrainRecipe.from_dict({**BASE, "optim": {"lr": 1}})  # an int where a float is expected
     assert recipe.optim.lr == 1.0 and isinstance(recipe.optim.lr, float)
@@ -37,6 +38,8 @@ def test_recipe_defaults_and_types():
         ({**BASE, "optim": {"betas": [0.9, 1.0]}}, "optim.betas must be two numbers"),
         ({**BASE, "train": {"max_steps": 0}}, "train.max_steps must be a positive integer"),
         ({**BASE, "train": {"max_steps": True}}, "train.max_steps must be an integer"),
+        ({**BASE, "train": {"max_bad_steps": 0}}, "train.max_bad_steps must be a positive integer"),
+        ({**BASE, "train": {"max_bad_steps": 2.5}}, "train.max_bad_steps must be an integer"),
         ({**BASE, "train": {"dtype": "int8"}}, "train.dtype"),
         ({**BASE, "train": {"colour": "red"}}, "unknown key(s) ['train.colour']"),
         ({**BASE, "trian": {}}, "unknown section"),

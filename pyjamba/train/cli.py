@@ -1,4 +1,8 @@
-"""`pyjamba train RECIPE.toml [section.key=value ...]`, alone or under torchrun."""
+"""`pyjamba train RECIPE.toml [section.key=value ...]`, alone or under torchrun.
+
+Exit status: 0 done (or stopped with a checkpoint), 2 a bad recipe, missing data or unreadable
+checkpoints, 3 the run diverged (the checkpoints on disk are the last finite ones), 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from .checkpoints import CheckpointCorrupt
-from .config import RecipeError, TrainRecipe
+from .config import RecipeError, TrainingDiverged, TrainRecipe
 
 __all__ = ["main"]
 
@@ -34,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a recipe; a bad recipe, missing data or an unreadable checkpoint is a one-line error."""
+    """Run a recipe; a bad recipe, missing data, unreadable checkpoints or divergence is a one-line error."""
     args = _parser().parse_intermixed_args(argv)
     try:
         recipe = TrainRecipe.from_toml(args.recipe, args.overrides)
@@ -53,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ConfigError, CheckpointCorrupt, FileNotFoundError) as e:
         print(f"pyjamba train: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"pyjamba train: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("pyjamba train: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,8 @@ a checkpoint to fine-tune, plus field overrides), `[data]` (token arrays or SFT 
 length, batch), `[optim]` (AdamW and its schedule) and `[train]` (the run: steps, checkpoints,
 precision, evaluation). `key=value` overrides from the command line use dotted names
 (`optim.lr=1e-3`, `model.overrides.hidden_size=128`) and are parsed as TOML values.
+`RecipeError` names a field that breaks a rule before the run starts; `TrainingDiverged` is raised
+by a run whose loss or weights went non-finite, and names the fields to change.
 """
 
 from __future__ import annotations
@@ -22,11 +24,27 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "RecipeError", "TrainConfig", "TrainRecipe"]
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RecipeError",
+    "TrainConfig",
+    "TrainRecipe",
+    "TrainingDiverged",
+]
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the field (`optim.lr`) and the rule."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A run that went non-finite (`train.max_bad_steps` bad steps in a row, or non-finite weights).
+
+    The message names the step, the loss and gradient norm, and the recipe fields to change; the
+    checkpoints on disk are the last good ones, and a rerun resumes from the newest.
+    """
 
 
 @dataclass
@@ -86,6 +104,7 @@ class TrainConfig:
     eval_batches: int = 0  # validation batches per evaluation; 0: the whole validation split
     checkpoint_every: int = 200
     keep_last: int = 2
+    max_bad_steps: int = 5  # stop (TrainingDiverged) after this many non-finite steps in a row
     export: bool = True  # write the final model in the Hugging Face layout to out_dir/model
 
 
@@ -162,6 +181,7 @@ class TrainRecipe:
             ("train.eval_every", t.eval_every),
             ("train.checkpoint_every", t.checkpoint_every),
             ("train.keep_last", t.keep_last),
+            ("train.max_bad_steps", t.max_bad_steps),
         ]:
             if not isinstance(value, int) or value <= 0:
                 raise RecipeError(f"{name} must be a positive integer, got {value!r}")

@@ -7,6 +7,14 @@ labelled token of the global batch divided by their count, so a step is the same
 one process or in N, with or without accumulation. Resuming restores the model, the optimizer, the
 step (the learning rate is a function of it), the loader's position, the carried Mamba states and the
 random state: the losses continue as if the run had never stopped.
+
+Training never loses the good. A step whose loss or gradient norm is not finite (one verdict for
+all processes: both are reduced first) is skipped: no optimizer update, the carried Mamba states go
+back to where the chunk started, a warning and a `"skipped": true` metrics line. The step still
+counts (its batch is consumed and the learning rate follows the step), so resuming stays exact.
+`train.max_bad_steps` skipped steps in a row stop the run with TrainingDiverged, as does a checkpoint
+or export of non-finite weights, which is never written. `metrics.jsonl` holds strict JSON
+(non-finite numbers as null), written by rank 0, and is cut back to the resumed step on resume.
 """
 
 from __future__ import annotations
@@ -31,13 +39,13 @@ from torch.utils.checkpoint import checkpoint
 from ..config import JambaConfig
 from ..model import JambaForCausalLM
 from . import checkpoints, data_source
-from .config import RecipeError, TrainRecipe
+from .config import RecipeError, TrainingDiverged, TrainRecipe
 from .data_source import Batch
 from .optim import lr_at, make_optimizer
 from .parallelize import World, init_world, shard_model
 from .state_passing import MambaCarry
 
-__all__ = ["Trainer", "build_config", "rows_per_process"]
+__all__ = ["Trainer", "TrainingDiverged", "build_config", "rows_per_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +112,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
+        self.skipped_steps = 0  # non-finite steps skipped over the whole run
+        self.bad_in_a_row = 0  # ... and since the last good one
         self._stop_requested = False
 
     # ---- setup --------------------------------------------------------------------------------
@@ -158,8 +168,10 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                if self.step % t.log_every == 0 or self.step == t.max_steps or record.get("skipped"):
                     self._log(record)
+                if self.bad_in_a_row >= t.max_bad_steps:
+                    raise self._diverged(record)
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
                     last_eval = self.evaluate()
                     self._log({"step": self.step, **last_eval})
@@ -184,7 +196,11 @@ class Trainer:
         return {"step": self.step, "finished": finished, "tokens": self.tokens_seen, **(last_eval or {})}
 
     def _train_step(self) -> dict[str, Any]:
-        """One optimizer step over one global batch; returns its metrics."""
+        """One optimizer step over one global batch; returns its metrics.
+
+        A non-finite loss or gradient norm skips the update (see the module docstring); the batch
+        is consumed either way.
+        """
         recipe = self.recipe
         lr = lr_at(self.step, recipe.optim, recipe.train.max_steps)
         for group in self.optimizer.param_groups:
@@ -192,12 +208,17 @@ class Trainer:
         batch = self.source.next_batch(self.loader)
         n_labels = int((batch.labels != -100).sum())  # over the global batch: the same in every process
         micro = recipe.data.batch_size // recipe.optim.grad_accum
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
+        device = self.world.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+        starts = []  # each carry's state at the start of its chunk, to go back to on a skipped step
         for k in range(recipe.optim.grad_accum):
             first = k * micro + self.world.rank * self.micro_rows
             part = batch.rows(first, first + self.micro_rows)
-            ce_sum, aux = self._forward(part, self.carries[k] if self.carries else None)
+            carry = self.carries[k] if self.carries else None
+            if carry is not None:
+                starts.append(_start_chunk(carry, part.reset, device))
+            ce_sum, aux = self._forward(part, carry)
             # FSDP averages gradients over processes: scaling by world size makes the result the
             # gradient of (summed cross-entropy / labels in the global batch).
             loss = ce_sum * (self.world.size / max(1, n_labels))
@@ -207,34 +228,89 @@ class Trainer:
             loss.backward()
             loss_sum += ce_sum.detach().double()
         if recipe.optim.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.optim.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.optim.grad_clip)
         else:
-            grad_norm = _grad_norm(self.model)
-        self.optimizer.step()
+            norm = _grad_norm(self.model)
+        grad_norm = _full(norm)  # the global norm: the same in every process
+        loss_total, aux_mean, finite = self._reduce_stats(loss_sum, aux_sum, grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        else:
+            self._skip_step(starts, loss_total / max(1, n_labels), grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         for carry in self.carries:
             carry.detach_()
-        stats = torch.stack([loss_sum, aux_sum])
-        if self.world.distributed:
-            dist.all_reduce(stats)
-            stats[1] /= self.world.size
         tokens = batch.input_ids.numel() if batch.attention_mask is None else int(batch.attention_mask.sum())
         self.tokens_seen += tokens
-        record = {
-            "loss": round(stats[0].item() / max(1, n_labels), 5),
+        record: dict[str, Any] = {
+            "loss": round(loss_total / max(1, n_labels), 5),
             "lr": lr,
-            "grad_norm": round(float(_full(grad_norm)), 4),
+            "grad_norm": round(grad_norm, 4),
             "step_tokens": tokens,
         }
         if self.config.num_experts > 1:
-            record["aux_loss"] = round(stats[1].item(), 5)
+            record["aux_loss"] = round(aux_mean, 5)
+        if not finite:
+            record["skipped"] = True
+        if self.skipped_steps:
+            record["skipped_steps"] = self.skipped_steps
         return record
+
+    def _reduce_stats(
+        self, loss_sum: torch.Tensor, aux_sum: torch.Tensor, grad_norm: float
+    ) -> tuple[float, float, bool]:
+        """(summed cross-entropy, mean aux loss, all finite) over every process, identical in each.
+
+        A count of the processes that saw a non-finite value travels with the sums, so the verdict
+        never depends on how NaN or infinity propagate through the reduction.
+        """
+        local_bad = not (torch.isfinite(loss_sum) & torch.isfinite(aux_sum)) or not math.isfinite(grad_norm)
+        stats = torch.stack(
+            [loss_sum, aux_sum, torch.tensor(float(local_bad), dtype=torch.float64, device=loss_sum.device)]
+        )
+        if self.world.distributed:
+            dist.all_reduce(stats)
+            stats[1] /= self.world.size
+        loss_total, aux_mean, bad = stats.tolist()
+        finite = bad == 0 and math.isfinite(loss_total) and math.isfinite(aux_mean)
+        return loss_total, aux_mean, finite
+
+    def _skip_step(
+        self, starts: list[dict[str, dict[int, torch.Tensor]]], loss: float, grad_norm: float
+    ) -> None:
+        """Count a non-finite step and undo what it did to the carried states (the weights are untouched)."""
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        for carry, start in zip(self.carries, starts, strict=True):
+            carry.conv_states, carry.ssm_states = start["conv"], start["ssm"]
+        if self.world.main:
+            logger.warning(
+                "step %d: loss %s, gradient norm %s: not finite, the update is skipped "
+                "(%d in a row, train.max_bad_steps = %d)",
+                self.step + 1, loss, grad_norm, self.bad_in_a_row, self.recipe.train.max_bad_steps,
+            )  # fmt: skip
+
+    def _diverged(self, record: dict[str, Any]) -> TrainingDiverged:
+        """The error that stops a run after train.max_bad_steps non-finite steps in a row."""
+        o = self.recipe.optim
+        clip = f"lower optim.grad_clip (now {o.grad_clip:g})" if o.grad_clip else "set optim.grad_clip"
+        newest = checkpoints.latest_checkpoint(self.out_dir)
+        kept = (
+            f"a rerun resumes from {newest}, the newest (finite) checkpoint"
+            if newest
+            else "no checkpoint yet"
+        )
+        return TrainingDiverged(
+            f"training diverged: {self.bad_in_a_row} steps in a row with a non-finite loss or gradient norm "
+            f"(train.max_bad_steps = {self.recipe.train.max_bad_steps}), the last at step {record['step']} "
+            f"(loss {record['loss']}, gradient norm {record['grad_norm']}, lr {record['lr']:g}); "
+            f"lower optim.lr (now {o.lr:g}), raise optim.warmup_steps or {clip}; {kept}"
+        )
 
     def _forward(self, batch: Batch, carry: MambaCarry | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Summed cross-entropy of a micro-batch (float32) and its load-balancing loss (MoE only)."""
         device = self.world.device
-        if carry is not None and batch.reset is not None:
-            carry.detach_(batch.reset.to(device))
         autocast = torch.autocast(
             device.type, dtype=torch.bfloat16, enabled=self.recipe.train.autocast == "bf16"
         )
@@ -289,48 +365,86 @@ class Trainer:
         trainer_state = {
             "tokens_seen": self.tokens_seen,
             "train_seconds": round(self.train_seconds, 3),
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_a_row": self.bad_in_a_row,
             "loader": self.loader.state_dict() if self.world.main else None,
             "recipe": self.recipe.to_dict(),
         }
-        path = checkpoints.save_checkpoint(
-            self.out_dir, self.step, self.model, self.optimizer, trainer_state, self._rank_state(),
-            self.recipe.train.keep_last,
-        )  # fmt: skip
+        try:
+            path = checkpoints.save_checkpoint(
+                self.out_dir, self.step, self.model, self.optimizer, trainer_state, self._rank_state(),
+                self.recipe.train.keep_last,
+            )  # fmt: skip
+        except checkpoints.NonFiniteState as e:
+            raise self._non_finite(str(e)) from None
         logger.info("saved checkpoint %s", path)
 
+    def _non_finite(self, what: str) -> TrainingDiverged:
+        """The error for weights that cannot be saved or exported because they are not finite."""
+        if self.world.main:
+            logger.error("%s", what)
+        return TrainingDiverged(
+            f"{what}; lower optim.lr (now {self.recipe.optim.lr:g}) or set optim.grad_clip, "
+            "then rerun: it resumes from the newest checkpoint"
+        )
+
     def _resume(self) -> None:
-        for path in reversed(checkpoints.list_checkpoints(self.out_dir)):
+        """Load the newest checkpoint that reads back, falling back over unreadable ones.
+
+        When checkpoints exist but none loads, stop (CheckpointCorrupt) rather than start over: a
+        failed load may have left the model half restored, and a fresh run would rotate them away.
+        """
+        found = checkpoints.list_checkpoints(self.out_dir)
+        for path in reversed(found):
             try:
                 trainer_state, rank_state = checkpoints.load_checkpoint(path, self.model, self.optimizer)
             except checkpoints.CheckpointCorrupt as e:
                 logger.warning("%s; trying an older one", e)
                 continue
-            self.step = int(trainer_state["step"])
-            self.tokens_seen = int(trainer_state["tokens_seen"])
-            self.train_seconds = float(trainer_state.get("train_seconds", 0.0))
-            if rank_state is not None:
-                torch.set_rng_state(rank_state["torch_rng"])
-                self.loader.load_state_dict(rank_state["loader"])
-                for carry, saved in zip(self.carries, rank_state["carries"], strict=True):
-                    carry.conv_states = {int(i): s.to(self.world.device) for i, s in saved["conv"].items()}
-                    carry.ssm_states = {int(i): s.to(self.world.device) for i, s in saved["ssm"].items()}
-            else:  # saved by another number of processes: the data position is shared, carries restart
-                self.loader.load_state_dict(trainer_state["loader"])
-            if self.world.main:
-                _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
-                logger.info("resumed from %s at step %d", path, self.step)
+            self._restore(path, trainer_state, rank_state)
             return
+        if found:
+            raise checkpoints.CheckpointCorrupt(
+                f"none of the {len(found)} checkpoints in {found[0].parent} loads (see the warnings above); "
+                "move them away to start afresh"
+            )
+        if self.world.main:  # lines a run that never checkpointed left behind
+            _truncate_metrics(self.out_dir / "metrics.jsonl", 0)
+
+    def _restore(self, path: Path, trainer_state: dict[str, Any], rank_state: dict[str, Any] | None) -> None:
+        """Take up the counters, data position, carried states and random state a checkpoint saved."""
+        self.step = int(trainer_state["step"])
+        self.tokens_seen = int(trainer_state["tokens_seen"])
+        self.train_seconds = float(trainer_state.get("train_seconds", 0.0))
+        self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
+        self.bad_in_a_row = int(trainer_state.get("bad_steps_in_a_row", 0))
+        if rank_state is not None:
+            torch.set_rng_state(rank_state["torch_rng"])
+            self.loader.load_state_dict(rank_state["loader"])
+            for carry, saved in zip(self.carries, rank_state["carries"], strict=True):
+                carry.conv_states = {int(i): s.to(self.world.device) for i, s in saved["conv"].items()}
+                carry.ssm_states = {int(i): s.to(self.world.device) for i, s in saved["ssm"].items()}
+        else:  # saved by another number of processes: the data position is shared, carries restart
+            self.loader.load_state_dict(trainer_state["loader"])
+        if self.world.main:
+            _truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+            logger.info("resumed from %s at step %d", path, self.step)
 
     def _log(self, record: dict[str, Any]) -> None:
+        """Append one strict JSON line to metrics.jsonl (rank 0): NaN and infinity become null."""
         if not self.world.main:
             return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record) + "\n")
 
     def export(self, last_eval: dict[str, Any] | None) -> Path | None:
         """Write the model (Hugging Face layout), its tokenizer and a training summary to out_dir/model."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if not checkpoints.all_finite(self.model):  # collective under FSDP
+            raise self._non_finite(
+                f"the weights at step {self.step} hold NaN or infinity: model not exported"
+            )
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)  # collective under FSDP
         if not self.world.main:
@@ -379,16 +493,74 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
+def _start_chunk(
+    carry: MambaCarry, reset: torch.Tensor | None, device: torch.device
+) -> dict[str, dict[int, torch.Tensor]]:
+    """Zero the streams that start a document; return a copy of the states the chunk starts from.
+
+    The model updates the states in place, so going back to them after a skipped step needs a copy.
+    """
+    if reset is not None:
+        carry.detach_(reset.to(device))
+    return {
+        "conv": {i: s.clone() for i, s in carry.conv_states.items()},
+        "ssm": {i: s.clone() for i, s in carry.ssm_states.items()},
+    }
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """A record as strict JSON: non-finite floats (which json writes as bare NaN) become null."""
+    return json.dumps({k: _finite_or_none(v) for k, v in record.items()}, allow_nan=False)
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    """A metrics record, or None for a line that is not one (a torn last line from a crash)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step` (written after the checkpoint a run resumes from), atomically."""
+    """Drop metric lines past `step` (written after the checkpoint a run resumes from), durably.
+
+    Lines that do not parse (a crash mid-write) are dropped with a warning; the rest are rewritten
+    as strict JSON, so files from before null-for-NaN are repaired too.
+    """
     if not path.is_file():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-    ]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    records = [_parse_line(line) for line in lines if line.strip()]
+    torn = sum(r is None for r in records)
+    if torn:
+        logger.warning("%s: dropping %d line(s) that are not JSON records (a crash mid-write)", path, torn)
+    kept = [r for r in records if r is not None and _step_number(r) <= step]
+    _replace_durably(path, "".join(_json_line(r) + "\n" for r in kept))
+
+
+def _step_number(record: dict[str, Any]) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) else 0
+
+
+def _replace_durably(path: Path, text: str) -> None:
+    """Write `text` to `path` through a synced temporary file and rename, then sync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _progress(enabled: bool, start: int, total: int) -> Any:
