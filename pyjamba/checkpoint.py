@@ -17,19 +17,17 @@ needed: a tensor in the wanted dtype is a view of the memory-mapped file (pages 
 touched), and each expert stack is read with plain file reads straight into the stacked parameter, so
 that the per-expert tensors never sit in memory next to their stack.
 
-`save_pretrained` writes into a temporary sibling folder, then exchanges it with the old folder in
-one step (Linux's renameat2), so that a save that fails, or is killed, leaves the previous checkpoint
-or the new one, never neither. Where the exchange is unavailable the old folder is renamed aside
-first; a kill between the two renames leaves it aside, and `from_pretrained` (`recover_folder`) puts
-it back. The next save deletes what an interrupted one left. Only safetensors are read or written:
-a pickle checkpoint (`pytorch_model.bin`) can run arbitrary code when loaded.
+`save_pretrained` writes into a temporary sibling folder that then replaces the old one
+(folders.py: in one step where Linux's renameat2 can exchange them, else by two renames), so that a
+save that fails, or is killed, leaves the previous checkpoint or the new one, never neither. A kill
+between the two renames leaves the old folder aside; `recover_folder` (called by `from_pretrained`
+and the next save) puts it back if it is a complete model folder. The next save deletes what an
+interrupted one left. Only safetensors are read or written: a pickle checkpoint
+(`pytorch_model.bin`) can run arbitrary code when loaded.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import functools
 import json
 import logging
 import math
@@ -37,24 +35,18 @@ import os
 import re
 import shutil
 import struct
-import sys
-import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import folders
 from .config import JambaConfig
+from .folders import replace_folder
 from .kernels import Kernels
 from .model import JambaForCausalLM
-
-try:
-    import fcntl
-except ImportError:  # not POSIX
-    fcntl = None
 
 __all__ = [
     "CheckpointError",
@@ -542,16 +534,6 @@ def _standalone(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor
     return tensor
 
 
-def _fsync(path: Path) -> None:
-    if os.name != "posix" and path.is_dir():
-        return  # only POSIX can open and sync a folder
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Carry a non-model file or folder over into the new checkpoint folder (hard links where possible)."""
 
@@ -581,7 +563,7 @@ def save_pretrained(
     One `model.safetensors` if the tensors fit in max_shard_size, else `model-0000k-of-0000n.safetensors`
     shards and `model.safetensors.index.json`. dtype converts the floating-point tensors (None keeps
     theirs). Atomic: everything is written into a temporary sibling folder, which then replaces `path`
-    (`replace_folder`); other files already in `path` (tokenizer, generation config, ...) are kept, old
+    (`folders.replacement`); other files already in `path` (tokenizer, generation config, ...) are kept, old
     model files are not. The folder gets ordinary permissions (0o777 less the umask).
     """
     limit = parse_size(max_shard_size)
@@ -603,17 +585,9 @@ def save_pretrained(
     saved_dtype = target or hf[_EMBED].dtype
 
     folder = Path(path).resolve()
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{folder} exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(folder)  # after a save killed midway: the previous version's other files carry over
-    started = time.time()
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex}")
-    os.mkdir(tmp)  # not mkdtemp's 0o700: a saved model is for other users to read too
-    file_mode = tmp.stat().st_mode & 0o666  # 0o666 less the umask, read without changing it
-    lock = _lock(tmp)  # marks it as in use, for the clean-up of other saves
-    try:
-        _remove_leftovers(folder, started)
+    with folders.replacement(folder) as tmp:
+        file_mode = tmp.stat().st_mode & 0o666  # 0o666 less the umask, read without changing it
         data = dict(config.to_dict(), dtype=str(saved_dtype).removeprefix("torch."))
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name, keys in zip(names, shards, strict=True):
@@ -621,7 +595,7 @@ def save_pretrained(
             safetensors.torch.save_file(tensors, tmp / name, metadata={"format": "pt"})
             del tensors
             os.chmod(tmp / name, file_mode)  # safetensors creates its files 0o600
-            _fsync(tmp / name)
+            folders.fsync(tmp / name)
         if n > 1:
             index = {
                 "metadata": {"total_size": sum(nbytes(t) for t in hf.values())},
@@ -636,138 +610,10 @@ def save_pretrained(
             for entry in folder.iterdir():
                 if not _MODEL_FILE.fullmatch(entry.name):
                     _link_or_copy(entry, tmp / entry.name)
-        _fsync(tmp)
-        replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _unlock(lock)
     logger.info("saved %s: %d tensors in %d file(s), %s", folder, len(hf), n, saved_dtype)
 
 
-# ---- replacing a folder ------------------------------------------------------------------------
-# A folder is replaced by exchanging it with its new version in one step where the system can
-# (Linux's renameat2 with RENAME_EXCHANGE), else by two renames: the old one aside to
-# `.NAME.old-XXXXXXXX`, the new one in. A process killed between the two leaves no folder at all;
-# `recover_folder` renames the previous version back. Saves write into `.NAME.tmp-<uuid>` folders,
-# which they hold an flock on, as does the two-rename swap on the folder it moves aside: what a kill
-# leaves is unlocked, and only that is ever deleted or recovered.
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2  # linux/fs.h
-# The errors by which renameat2 says "not here" rather than "this failed": no such system call
-# (ENOSYS: kernel before 3.15), a file system without the flag (EINVAL), an overlayfs layer (EXDEV).
-_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
-# The names our saves give: uuid hex, or 8 characters of mkdtemp's alphabet (earlier versions).
-_SUFFIX = r"(?:[0-9a-f]{32}|[0-9a-z_]{8})"
-
-
-@functools.cache
-def _renameat2() -> Callable[[bytes, bytes, int], int] | None:
-    """libc's renameat2(AT_FDCWD, a, AT_FDCWD, b, flags), or None off Linux or before glibc 2.28."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        func = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    func.restype = ctypes.c_int
-    return lambda a, b, flags: func(_AT_FDCWD, a, _AT_FDCWD, b, flags)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically: True if done, False where this system or file system cannot."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    if renameat2(os.fsencode(a), os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in _NO_EXCHANGE:
-        logger.debug("no atomic exchange of %s and %s (%s): two renames", a, b, os.strerror(err))
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def replace_folder(new: Path, folder: Path) -> None:
-    """Rename `new` to `folder`, replacing (and deleting) an existing `folder`; `new` is gone after.
-
-    Where the system can, the two are exchanged atomically, so that `folder` exists at every moment;
-    elsewhere the old one is renamed aside first, and a kill between the two renames leaves no
-    `folder`, which `recover_folder` puts back. A model loaded from `folder` keeps working: its mapped
-    files stay readable until it lets them go.
-    """
-    if not folder.exists():
-        os.rename(new, folder)
-    elif _exchange(new, folder):
-        _fsync(folder.parent)  # the exchange is on disk before the previous version goes
-        _remove_previous(new)
-    else:
-        _swap_by_renames(new, folder)
-    _fsync(folder.parent)
-
-
-def _swap_by_renames(new: Path, folder: Path) -> None:
-    aside = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-    lock = _lock(folder)  # held while `folder` is missing: recover_folder waits, not recovers
-    try:
-        os.rename(folder, aside)
-        try:
-            os.rename(new, folder)
-        except BaseException:
-            os.rename(aside, folder)
-            raise
-    finally:
-        _unlock(lock)
-    _remove_previous(aside)
-
-
-def _remove_previous(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    if path.exists():
-        logger.warning("could not delete the previous version, left at %s (the next save tries again)", path)
-
-
-def _leftovers(folder: Path, kinds: tuple[str, ...]) -> list[Path]:
-    """The sibling folders a save of `folder` makes: `.NAME.tmp-*` and/or `.NAME.old-*`, newest first."""
-    pattern = re.compile(re.escape(f".{folder.name}.") + f"(?:{'|'.join(kinds)})-{_SUFFIX}")
-    found = []
-    try:
-        with os.scandir(folder.parent) as entries:
-            for entry in entries:
-                if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-                    found.append((entry.stat(follow_symlinks=False).st_mtime, Path(entry.path)))
-    except OSError:
-        return []
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def _remove_leftovers(folder: Path, started: float) -> None:
-    """Delete what killed saves of `folder` left behind, never a folder another save is using.
-
-    That is the `.tmp-` folders (a save's unfinished output, or the previous version after an
-    exchange) and, while `folder` exists, `.old-` ones, made before this save `started` and unlocked.
-    """
-    if fcntl is None:
-        return  # no way to tell a leftover from a save in progress
-    kinds = ("tmp", "old") if folder.is_dir() else ("tmp",)
-    for path in _leftovers(folder, kinds):
-        try:
-            if path.stat().st_mtime >= started:
-                continue  # made during this save: another save's
-        except OSError:
-            continue
-        lock = _lock(path, wait=False)
-        if lock is None:
-            continue  # in use
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-        finally:
-            _unlock(lock)
-        logger.info("deleted %s, left behind by an interrupted save", path)
-
-
+# ---- recovering a folder -------------------------------------------------------------------------
 def _is_model_folder(folder: Path) -> bool:
     """Whether `folder` holds config.json and every weight file its listing names."""
     if not (folder / CONFIG_FILE).is_file():
@@ -783,52 +629,8 @@ def _is_model_folder(folder: Path) -> bool:
 def recover_folder(path: str | os.PathLike) -> bool:
     """Put back the previous version of a model folder that a save killed between two renames left missing.
 
-    Only the two-rename replacement (where the atomic exchange is unavailable) has such a moment; the
-    newest complete `.NAME.old-*` sibling is renamed back, with a warning. A save still between its
-    renames is waited for instead. Returns whether a folder was put back.
+    `folders.recover_folder` with "complete" meaning config.json and every weight file its listing
+    names: the newest such `.NAME.old-*` sibling is renamed back, with a warning; a save still between
+    its renames is waited for instead. Returns whether a folder was put back.
     """
-    folder = Path(path)
-    if folder.exists():
-        return False
-    for aside in _leftovers(folder, ("old",)):
-        lock = _lock(aside)  # waits for a save between its two renames
-        try:
-            if folder.exists():
-                return False  # that save finished, or another process put the folder back
-            if not _is_model_folder(aside):
-                continue
-            os.rename(aside, folder)
-        finally:
-            _unlock(lock)
-        _fsync(folder.parent)
-        logger.warning(
-            "%s was missing (a save was interrupted): put back its previous version from %s",
-            folder,
-            aside.name,
-        )
-        return True
-    return False
-
-
-def _lock(folder: Path, *, wait: bool = True) -> int | None:
-    """An open descriptor of `folder` holding an exclusive flock.
-
-    None if the folder is gone, if it is taken and not `wait`, or if the system has no flock.
-    """
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing releases the flock
+    return folders.recover_folder(path, _is_model_folder)

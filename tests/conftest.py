@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from pyjamba import folders
 from pyjamba.testing import PARITY_CONFIGS, random_model, to_transformers
 
 
@@ -24,3 +27,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _exchange_works(where: Path) -> bool:
+    a, b = where / "probe-a", where / "probe-b"
+    a.mkdir()
+    b.mkdir()
+    try:
+        return folders._exchange(a, b)
+    finally:
+        a.rmdir()
+        b.rmdir()
+
+
+@pytest.fixture(params=["exchange", "two renames"])
+def replace_mode(request, tmp_path, monkeypatch) -> str:
+    """Each way a folder is replaced: the atomic exchange, and the fallback forced."""
+    if request.param == "exchange" and not _exchange_works(tmp_path):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
+    if request.param == "two renames":
+        monkeypatch.setattr(folders, "_exchange", lambda a, b: False)
+    return request.param
+
+
+@pytest.fixture
+def needs_exchange(tmp_path) -> None:
+    """Skip where this system or file system has no atomic exchange of two paths."""
+    if not _exchange_works(tmp_path):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pyjamba import checkpoint
+from pyjamba import checkpoint, folders
 from pyjamba.checkpoint import (
     CheckpointError,
     auto_dtype,
@@ -430,27 +429,6 @@ def test_absurd_config_is_refused_before_the_model_is_built(saved, monkeypatch, 
 
 
 # ---- atomic saving --------------------------------------------------------------------------------
-def _exchange_works(where: Path) -> bool:
-    a, b = where / "probe-a", where / "probe-b"
-    a.mkdir()
-    b.mkdir()
-    try:
-        return checkpoint._exchange(a, b)
-    finally:
-        a.rmdir()
-        b.rmdir()
-
-
-@pytest.fixture(params=["exchange", "two renames"])
-def replace_mode(request, tmp_path, monkeypatch) -> str:
-    """Each way save_pretrained replaces a folder: the atomic exchange, and the fallback forced."""
-    if request.param == "exchange" and not _exchange_works(tmp_path):
-        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
-    if request.param == "two renames":
-        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
-    return request.param
-
-
 @pytest.mark.usefixtures("replace_mode")
 def test_save_replaces_an_existing_checkpoint_and_keeps_other_files(tmp_path):
     folder = tmp_path / "ck"
@@ -492,7 +470,7 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 # A save killed with SIGKILL (no handler runs) at one step of replacing the folder.
 _KILLED_SAVE = """
 import json, os, signal, sys
-from pyjamba import checkpoint
+from pyjamba import checkpoint, folders
 from pyjamba.testing import random_model
 
 folder, arch, step = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
@@ -501,7 +479,7 @@ def die(*args):
     os.kill(os.getpid(), signal.SIGKILL)
 
 if step == "between the two renames":
-    checkpoint._exchange = lambda a, b: False
+    folders._exchange = lambda a, b: False
     rename = os.rename
     def rename_then_die(src, dst):
         rename(src, dst)
@@ -509,7 +487,7 @@ if step == "between the two renames":
             die()
     os.rename = rename_then_die
 else:  # after the exchange, before the previous version is deleted
-    checkpoint._remove_previous = die
+    folders._remove_previous = die
 checkpoint.save_pretrained(random_model(arch, seed=2), folder)
 """
 
@@ -532,7 +510,7 @@ def test_kill_between_the_two_renames_is_recovered(tmp_path, caplog):
     _killed_save(folder, "between the two renames")
     assert not folder.exists()
     assert [name[:8] for name in _others(tmp_path)] == [".ck.old-", ".ck.tmp-"]
-    with caplog.at_level(logging.WARNING, logger="pyjamba.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pyjamba.folders"):
         _assert_same_state(from_pretrained(folder), first)
     assert "a save was interrupted" in caplog.text
     assert (folder / "tokenizer.json").read_text() == "{}"
@@ -541,9 +519,8 @@ def test_kill_between_the_two_renames_is_recovered(tmp_path, caplog):
     assert (folder / "tokenizer.json").is_file()
 
 
+@pytest.mark.usefixtures("needs_exchange")
 def test_kill_after_the_exchange_leaves_the_new_checkpoint(tmp_path):
-    if not _exchange_works(tmp_path):
-        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
     folder = tmp_path / "ck"
     save_pretrained(random_model(ARCHS["moe"], seed=1), folder)
     _killed_save(folder, "after the exchange")
@@ -577,7 +554,7 @@ def test_recovery_takes_only_a_complete_previous_folder(tmp_path):
 
 
 def test_a_load_between_the_two_renames_waits_for_the_save(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(folders, "_exchange", lambda a, b: False)
     folder = tmp_path / "ck"
     save_pretrained(random_model(ARCHS["moe"], seed=1), folder)
     second = random_model(ARCHS["moe"], seed=2)
@@ -597,31 +574,6 @@ def test_a_load_between_the_two_renames_waits_for_the_save(tmp_path, monkeypatch
     readers[0].join(60)
     _assert_same_state(loaded[0], second)
     assert _others(tmp_path) == []
-
-
-def test_next_save_deletes_only_its_own_unused_leftovers(tmp_path):
-    folder = tmp_path / "ck"
-    save_pretrained(random_model(ARCHS["moe"], seed=1), folder)
-    stale = [f".ck.tmp-{'a' * 32}", ".ck.tmp-x_9abcde", ".ck.old-0123abcd"]  # the last two: mkdtemp, aside
-    busy = f".ck.tmp-{'b' * 32}"  # a save in progress holds its folder locked
-    others = [".ck.old-backup", f".other.tmp-{'c' * 32}", "ck.tmp-0123abcd", ".ck.tmp-0123abcd.keep"]
-    for name in [*stale, busy, *others]:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "file").write_text("x")
-    (tmp_path / ".ck.old-deadbeef").symlink_to(tmp_path / "ck.tmp-0123abcd")
-    past = time.time() - 60
-    for path in tmp_path.iterdir():
-        os.utime(path, (past, past), follow_symlinks=False)
-    fd = os.open(tmp_path / busy, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        save_pretrained(random_model(ARCHS["moe"], seed=2), folder)
-        assert _others(tmp_path) == sorted([busy, *others, ".ck.old-deadbeef"])
-    finally:
-        os.close(fd)
-    save_pretrained(random_model(ARCHS["moe"], seed=3), folder)
-    assert _others(tmp_path) == sorted([*others, ".ck.old-deadbeef"])
-    assert (tmp_path / "ck.tmp-0123abcd" / "file").is_file()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])

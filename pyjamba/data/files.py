@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..checkpoint import replace_folder
+from ..folders import replacement
 
 __all__ = ["DataError", "atomic_folder", "atomic_write_text", "sha256_file", "text_files"]
 
@@ -80,17 +79,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary sibling of `folder`; on success it replaces `folder`, on error it goes.
 
-    An existing `folder` is moved aside, the new one renamed in, and the old one deleted.
+    `folders.replacement`: the sibling gets mode 0o777 less the umask, replaces `folder` atomically
+    where the system can (else the old one is renamed aside first), and the old one is deleted. What
+    interrupted runs left beside `folder` (unlocked `.NAME.tmp-*` / `.NAME.old-*` folders) goes first.
     """
     folder = Path(folder).resolve()
     if folder.exists() and not folder.is_dir():
         raise DataError(f"{folder}: exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; this is data to share
+    with replacement(folder) as tmp:
         yield tmp
-        replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
