@@ -16,7 +16,7 @@ import torch
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .pipeline import ModelNotFoundError, TextGenerator, load
-from .sampling import SamplingError, SamplingParams
+from .sampling import NonFiniteLogits, SamplingError, SamplingParams
 from .tokenizer import TokenizerError
 
 __all__ = ["chat_main", "generate_main"]
@@ -102,12 +102,16 @@ def _load(args: argparse.Namespace) -> TextGenerator:
 
 
 def _run(body: Callable[[], int], prog: str) -> int:
-    """Run a command, turning the errors a user can cause into one line on stderr and exit code 2."""
+    """Run a command, turning the errors a user can cause into one line on stderr and exit code 2
+    (a model that produces NaN logits: exit code 1)."""
     try:
         return body()
     except (ModelNotFoundError, CheckpointError, ConfigError, TokenizerError, ValueError, TypeError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLogits as exc:  # not the user's doing: the model is broken
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

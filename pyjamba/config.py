@@ -306,11 +306,12 @@ class JambaConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write `config.json` into a folder (or to the file path given), atomically."""
+        from .folders import write_file
+
         path = Path(path)
-        target = path / "config.json" if path.is_dir() else path
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        write_file(
+            path / "config.json" if path.is_dir() else path, json.dumps(self.to_dict(), indent=2) + "\n"
+        )
 
     def replace(self, **changes: Any) -> JambaConfig:
         """A copy with some fields changed (validated anew)."""

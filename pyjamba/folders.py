@@ -1,8 +1,9 @@
 """Replacing a folder so that it never goes missing: write a new version beside it, then swap.
 
 `replacement(folder)` hands out an empty sibling `.NAME.tmp-<uuid>` (made with os.mkdir, so mode
-0o777 less the umask) to fill; when the block ends without error the sibling replaces `folder`
-(`replace_folder`), and on any error it is deleted, leaving the previous version as it was.
+0o777 less the umask) to fill; when the block ends without error everything in it is fsynced and the
+sibling replaces `folder` (`replace_folder`), and on any error it is deleted, leaving the previous
+version as it was. `write_file` does the same for one file.
 
 The swap: where the system can (Linux's renameat2 with RENAME_EXCHANGE, glibc 2.28 or later on a file
 system that takes the flag), the new folder and the old one are exchanged in one step, so `folder`
@@ -44,7 +45,7 @@ try:
 except ImportError:  # not POSIX
     fcntl = None
 
-__all__ = ["fsync", "recover_folder", "replace_folder", "replacement"]
+__all__ = ["fsync", "fsync_tree", "recover_folder", "replace_folder", "replacement", "write_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,39 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` and every folder's entries, deepest first, to disk."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = Path(root, name)
+            if not path.is_symlink():
+                fsync(path)
+        fsync(Path(root))
+
+
+def write_file(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` (str as UTF-8) to `path` so that a crash leaves the old file or the new one, whole.
+
+    Through a temporary sibling (mode 0o666 less the umask, as `open` makes files), flushed and
+    fsynced, renamed over `path`; then the folder's entry is synced too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "xb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync(path.parent)
+
+
 @contextlib.contextmanager
 def replacement(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a new empty sibling of `folder` to fill; when the block ends it replaces `folder`.
@@ -88,7 +122,7 @@ def replacement(folder: str | os.PathLike) -> Iterator[Path]:
     try:
         _remove_leftovers(folder, started)
         yield tmp
-        fsync(tmp)
+        fsync_tree(tmp)  # every file whole on disk before the rename that publishes them
         replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

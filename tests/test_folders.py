@@ -247,3 +247,42 @@ def test_old_folders_are_kept_while_the_folder_is_missing(tmp_path):
     with replacement(tmp_path / "out") as tmp:
         _fill(tmp, a="2")
     assert _others(tmp_path) == [".out.old-0123abcd"]
+
+
+def test_write_file_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "state.json"
+    folders.write_file(path, '{"a": 1}')
+    assert path.read_text() == '{"a": 1}'
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(folders.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        folders.write_file(path, b"{broken")
+    assert path.read_text() == '{"a": 1}'
+    assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary file left
+
+
+def test_replacement_syncs_every_file_before_publishing(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real = folders.fsync
+    monkeypatch.setattr(folders, "fsync", lambda p: (synced.append(Path(p).name), real(p)))
+    published = []
+    monkeypatch.setattr(
+        folders,
+        "replace_folder",
+        lambda new, folder: (published.append(list(synced)), os.rename(new, folder)),
+    )
+    with folders.replacement(tmp_path / "out") as tmp:
+        (tmp / "a.bin").write_bytes(b"1")
+        (tmp / "deep").mkdir()
+        (tmp / "deep" / "b.bin").write_bytes(b"2")
+    assert {"a.bin", "b.bin", "deep"} <= set(published[0])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

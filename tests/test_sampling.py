@@ -164,3 +164,17 @@ def test_the_cli_checks_sampling_options_before_loading_anything(capsys, option,
     assert code == 2
     err = capsys.readouterr().err
     assert words in err and "nonexistent" not in err  # refused before looking for the model
+
+
+def test_the_cli_reports_a_model_that_produces_nan(tmp_path, capsys):
+    from pyjamba.model import JambaForCausalLM
+    from pyjamba.testing import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "nan-model")
+    model = JambaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(math.nan)
+    model.save_pretrained(folder)
+    code = generate_main(["hi", "--model", str(folder), "--max-new-tokens", "3", "--temperature", "0"])
+    assert code == 1
+    assert "NaN logits" in capsys.readouterr().err

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..folders import replacement
+from ..folders import replacement, write_file
 
 __all__ = ["DataError", "atomic_folder", "atomic_write_text", "sha256_file", "text_files"]
 
@@ -60,19 +59,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8, '\\n' line ends) to a temporary sibling, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; this is data to share
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write `text` (UTF-8, '\\n' line ends) to `path` atomically and durably (`folders.write_file`)."""
+    write_file(path, text)
 
 
 @contextlib.contextmanager

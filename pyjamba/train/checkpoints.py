@@ -40,6 +40,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..folders import fsync, write_file
+
 __all__ = [
     "CheckpointCorrupt",
     "NonFiniteState",
@@ -157,11 +159,11 @@ def save_checkpoint(
     _barrier()
     if _rank() == 0:
         _write_json(tmp / "trainer.json", {**trainer_state, "step": step, "world_size": _world_size()})
-        _fsync_dir(tmp)  # the folder's entries are durable before the rename publishes them
+        fsync(tmp)  # the folder's entries are durable before the rename publishes them
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync(root)
         problem = verify_checkpoint(final)
         if problem is None:
             _rotate(root, final, keep_last)
@@ -286,15 +288,4 @@ def _quiet_single_process():
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_file(path, json.dumps(data, indent=2))

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import JambaConfig
+from ..folders import write_file
 from ..model import JambaForCausalLM
 from . import checkpoints, data_source
 from .config import RecipeError, TrainingDiverged, TrainRecipe
@@ -457,7 +457,7 @@ class Trainer:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 src = Path(self.recipe.data.tokenizer) / name
                 if src.is_file():
-                    shutil.copyfile(src, target / name)
+                    write_file(target / name, src.read_bytes())
         summary = {
             "recipe": self.recipe.to_dict(),
             "steps": self.step,
@@ -468,7 +468,7 @@ class Trainer:
             "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
             **(last_eval or {}),
         }
-        (target / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_file(target / "training.json", json.dumps(summary, indent=2) + "\n")
         logger.info("exported the model to %s", target)
         return target
 
@@ -540,27 +540,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if torn:
         logger.warning("%s: dropping %d line(s) that are not JSON records (a crash mid-write)", path, torn)
     kept = [r for r in records if r is not None and _step_number(r) <= step]
-    _replace_durably(path, "".join(_json_line(r) + "\n" for r in kept))
+    write_file(path, "".join(_json_line(r) + "\n" for r in kept))
 
 
 def _step_number(record: dict[str, Any]) -> float:
     step = record.get("step", 0)
     return step if isinstance(step, (int, float)) else 0
-
-
-def _replace_durably(path: Path, text: str) -> None:
-    """Write `text` to `path` through a synced temporary file and rename, then sync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _progress(enabled: bool, start: int, total: int) -> Any:
