@@ -579,3 +579,23 @@ def test_a_choice_whose_text_cannot_be_decoded_fails_its_request_alone(served, m
         streamed = _events(client.post(C, json={"prompt": "hi", "max_tokens": 4, "stream": True}))
         assert streamed[-1] == "[DONE]" and streamed[-2]["error"]["code"] == "decoding_failed"
     _assert_still_serving(client)
+
+
+def test_an_unexpected_error_is_a_500_with_the_openai_body_and_the_server_goes_on(served, monkeypatch):
+    client, _ = served
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("pyjamba.serve.app.completion_plan", bug)
+        response = client.post(C, json={"prompt": "hi", "max_tokens": 1})
+    assert response.status_code == 500
+    assert response.json()["error"] == {
+        "message": "Internal server error: KeyError",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    assert _metric(client, 'pyjamba_requests_total{endpoint="/v1/completions",status="500"}') >= 1
+    _assert_still_serving(client)

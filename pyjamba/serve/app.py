@@ -142,11 +142,12 @@ class Gate:
             return
         path = scope["path"]
         status = 500
+        started = False
 
         async def counted_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
@@ -159,6 +160,13 @@ class Gate:
             # The client left before its body arrived: nobody to answer, and not the server's fault.
             status = CLIENT_CLOSED
             logger.info("%s %s: the client disconnected before sending its whole body", scope["method"], path)
+        except Exception as exc:
+            # A bug: answered here with the OpenAI body rather than re-raised to uvicorn, which would
+            # close the keep-alive connection and so break the client's next request too.
+            logger.exception("unexpected error on %s %s", scope["method"], path)
+            if not started:
+                error = APIError(500, f"Internal server error: {type(exc).__name__}")
+                await errors.error_response(error)(scope, receive, counted_send)
         finally:
             self.state.metrics.request(path if path in _ENDPOINTS else "other", status)
 

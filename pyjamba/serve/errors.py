@@ -1,13 +1,13 @@
 """OpenAI error bodies: every failure the server reports is `{"error": {message, type, param, code}}`.
 
-`APIError` is raised anywhere in a request's handling; `install` turns it, FastAPI's and Starlette's
-own errors, and any unexpected exception into that body with the right status, so that clients
-(the openai package raises `BadRequestError`, `NotFoundError`, ... from it) see one format.
+`APIError` is raised anywhere in a request's handling; `install` turns it and FastAPI's and
+Starlette's own errors into that body with the right status, so that clients (the openai package
+raises `BadRequestError`, `NotFoundError`, ... from it) see one format. An unexpected exception is
+answered with a 500 in that format by app.Gate, which keeps the connection usable.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,8 +17,6 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 __all__ = ["APIError", "error_body", "error_response", "from_validation", "install", "param_of"]
-
-logger = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -124,8 +122,3 @@ def install(app: FastAPI) -> None:
         elif status == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         return error_response(APIError(status, message), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"Internal server error: {type(exc).__name__}"))
