@@ -223,3 +223,48 @@ def test_bad_command_lines_are_one_clear_line(model_dir, tmp_path, args, message
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_a_server_whose_model_keeps_failing_exits_1_for_its_supervisor(model_dir, monkeypatch, capsys):
+    """Not a live process answering 503 forever: after max_model_failures failed steps in a row the
+    engine gives up and `pyjamba serve` exits with status 1 (in process, so the model can be broken)."""
+    import torch
+
+    from pyjamba.serve import cli as serve_cli
+
+    real_backend = serve_cli._backend
+
+    def failing_backend(*args, **kwargs):
+        backend = real_backend(*args, **kwargs)
+
+        def broken(*a, **k):
+            raise RuntimeError("device lost")
+
+        backend.engine.model.forward = broken
+        return backend
+
+    monkeypatch.setattr(serve_cli, "_backend", failing_backend)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this process's threads alone
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    statuses: list[int] = []
+
+    def client() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        for _ in range(3):  # the engine's default: 3 failed steps in a row
+            body = {"prompt": "Hi", "max_tokens": 2}
+            statuses.append(httpx.post(url + "/v1/completions", json=body, timeout=30).status_code)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    code = serve_cli.main(["--model", str(model_dir), "--port", str(port)])
+    thread.join(60)
+    assert statuses == [503, 503, 503]
+    assert code == 1
+    assert "the engine failed" in capsys.readouterr().err
