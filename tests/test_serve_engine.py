@@ -308,3 +308,21 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
     for a, b in itertools.pairwise(chunks):
         assert ("running", "Token") in order[a:b]
     e.cancel([running])
+
+
+def test_a_failure_gathering_the_slots_is_a_failed_model_step_too(engine):
+    e = engine(slots=2)
+
+    def no_memory(slots):
+        raise MemoryError("cannot gather the slots")
+
+    e.pool.batch = no_memory  # this pool only: the engine replaces it when it recovers
+    seq, events = _sequence([3, 4], 3)
+    e.submit([seq])
+    failed = events.get(timeout=TIMEOUT)
+    assert isinstance(failed, Failed) and failed.status == 503 and "cannot gather" in failed.message
+    seq, events = _sequence([3, 4], 3, params=dict(temperature=0.0))
+    e.submit([seq])
+    tokens, _, end = _drain(events)
+    assert isinstance(end, Finished) and [t.token for t in tokens] == _generate_alone([3, 4], 3)
+    assert e.alive and e.slots_in_use == 0

@@ -41,7 +41,7 @@ import torch
 
 from ..model import JambaForCausalLM
 from .sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
-from .slots import SlotBatch, SlotPool
+from .slots import SlotPool
 
 __all__ = [
     "Engine",
@@ -385,10 +385,17 @@ class Engine:
             seconds = time.perf_counter() - start
             self._observe(lambda: self.observer.step(len(decoding), prefilled, seconds))
 
-    def _forward(self, ids: torch.Tensor, batch: SlotBatch, **kwargs: object) -> torch.Tensor:
-        """The model on these slots: float32 logits, the slots' state committed; raises ModelStepFailed."""
+    def _forward(self, slots: list[int], ids: torch.Tensor, *, logits_to_keep: int = 0) -> torch.Tensor:
+        """The model on these slots' rows of ids (B, L): float32 logits, the slots' state committed.
+
+        Everything that touches the pool's state is inside: whatever raises here (gathering the
+        slots, the forward, the commit) is a ModelStepFailed.
+        """
         try:
-            logits = self.model(ids, cache=batch, **kwargs).logits.float()
+            batch = self.pool.batch(slots)
+            mask = batch.attention_mask(ids.shape[1])
+            out = self.model(ids, attention_mask=mask, cache=batch, logits_to_keep=logits_to_keep)
+            logits = out.logits.float()
             batch.commit()
         except Exception as exc:
             raise ModelStepFailed(f"{type(exc).__name__}: {exc}") from exc
@@ -423,10 +430,9 @@ class Engine:
         """Feed the next chunk of a prompt (returns its length); after the last one, sample the first token."""
         start = seq.prefilled
         chunk = seq.prompt[start : start + self.prefill_chunk]
-        batch = self.pool.batch([seq.slot])
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, L)
         keep = 0 if seq.prompt_logprobs is not None else 1  # all positions only when scoring the prompt
-        logits = self._forward(ids, batch, logits_to_keep=keep)[0]  # (L or 1, V)
+        logits = self._forward([seq.slot], ids, logits_to_keep=keep)[0]  # (L or 1, V)
         seq.prefilled += len(chunk)
         if seq.prompt_logprobs is not None:
             try:
@@ -459,9 +465,8 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         """One token for each sequence, all in one forward call."""
-        batch = self.pool.batch([s.slot for s in seqs])
         tokens = torch.tensor([[s.next_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
-        logits = self._forward(tokens, batch, attention_mask=batch.attention_mask(1))[:, -1]  # (B, V)
+        logits = self._forward([s.slot for s in seqs], tokens)[:, -1]  # (B, V)
         for row, seq in enumerate(seqs):
             seq.next_token = None
             self._accept(seq, logits[row : row + 1])
