@@ -331,8 +331,7 @@ class Engine:
                 self._release(seq)
         for seq in left:
             self._emit(seq, Failed(message))
-        if self.after_step is not None:
-            self.after_step()
+        self._after_step()
 
     def _emit(self, seq: Sequence, event: Event) -> None:
         try:
