@@ -2,23 +2,100 @@
 
 Attention layers keep every past key and value, so their cache grows with the context; a Mamba
 layer keeps a fixed-size state per sequence whatever the context: the last W-1 conv inputs and the
-(ED, N) SSM state. Buffers are preallocated for `max_length` tokens and grow (doubling) past it.
+(ED, N) SSM state.
 
-All sequences of a batch share one length: a batch of different prompts is left-padded, and the
-padding is masked through the `attention_mask` passed with every forward call.
+`InferenceCache` declares what a forward call of the model uses of such a state. Three classes
+implement it:
+
+- `HybridCache` (here): generation. Buffers are preallocated for `max_length` tokens and grow
+  (doubling) past it. All sequences of a batch share one length: a batch of different prompts is
+  left-padded, and the padding is masked through the `attention_mask` passed with every forward call.
+- `SlotBatch` (serve/slots.py): some slots of the serving pool, each sequence at its own length.
+- `MambaCarry` (train/state_passing.py): Mamba states only, carried from one training chunk to the next.
+
+`mamba_states` allocates the Mamba states for all three, and `ssm_state_dtype` is the one rule for the
+SSM state's dtype.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from .config import JambaConfig
 
-__all__ = ["HybridCache"]
+__all__ = ["HybridCache", "InferenceCache", "mamba_states", "ssm_state_dtype"]
+
+
+@runtime_checkable
+class InferenceCache(Protocol):
+    """What the model uses of its inference state: `model(input_ids, cache=cache)`.
+
+    B is `batch_size`, ED the Mamba inner width (`config.mamba_inner`), W the conv width
+    (`config.mamba_d_conv`), N the SSM state size (`config.mamba_d_state`), Hkv and Dh the attention
+    key/value heads and head size. The model changes the state tensors in place and never replaces an
+    entry of `conv_states` or `ssm_states`. (`isinstance` checks only that the members exist.)
+    """
+
+    @property
+    def length(self) -> int:
+        """Tokens already in the cache (the past): the new tokens of a call sit at positions
+        [length, length + L). 0 means no past; with a past, a single new token per sequence takes
+        the Mamba one-step update."""
+        ...
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences B held; a forward call must bring B rows."""
+        ...
+
+    @property
+    def conv_states(self) -> Mapping[int, torch.Tensor]:
+        """Per Mamba layer index: the last W-1 conv inputs (B, ED, W-1) in the model's dtype
+        (zeros: no past), updated in place."""
+        ...
+
+    @property
+    def ssm_states(self) -> Mapping[int, torch.Tensor]:
+        """Per Mamba layer index: the SSM state (B, ED, N) in `ssm_state_dtype(model dtype)`, updated
+        in place."""
+        ...
+
+    def update_kv(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store attention layer `layer`'s L new keys and values (B, Hkv, L, Dh) after the past ones;
+        return every key and value it attends to, (B, Hkv, length + L, Dh)."""
+        ...
+
+    def advance(self, n_tokens: int) -> None:
+        """Count `n_tokens` more as seen; called once per forward, after every layer has run."""
+        ...
+
+
+def ssm_state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The SSM state's dtype for a model in `dtype`: the state accumulates over the whole context,
+    so float32 at least (for float32, bfloat16, float16), float64 for a float64 model."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mamba_states(
+    config: JambaConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Zero Mamba states for `batch_size` sequences, keyed by Mamba layer index (attention layers
+    have none): conv states (B, ED, W-1) in `dtype`, SSM states (B, ED, N) in `ssm_state_dtype(dtype)`."""
+    inner, width, n = config.mamba_inner, config.mamba_d_conv, config.mamba_d_state
+    ssm_dtype = ssm_state_dtype(dtype)
+    mamba = [i for i, kind in enumerate(config.layer_types) if kind == "mamba"]
+    conv = {i: torch.zeros(batch_size, inner, width - 1, dtype=dtype, device=device) for i in mamba}
+    ssm = {i: torch.zeros(batch_size, inner, n, dtype=ssm_dtype, device=device) for i in mamba}
+    return conv, ssm
 
 
 class HybridCache:
-    """Per-layer inference state for a batch of `batch_size` sequences.
+    """Per-layer inference state for a batch of `batch_size` sequences (an `InferenceCache`).
 
     `length` counts the tokens already seen; a forward call writes its L new positions at
     [length, length + L) in every attention layer, then `advance(L)` moves the count on once.
@@ -42,25 +119,11 @@ class HybridCache:
         self.device = torch.device(device)
         self.length = 0
         self.capacity = max_length
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.conv_states: dict[int, torch.Tensor] = {}
-        self.ssm_states: dict[int, torch.Tensor] = {}
-        # The SSM state accumulates over the whole context: float32 at least, float64 for a float64 model.
-        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         kv_shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)  # (B, Hkv, S, Dh)
-        for i, kind in enumerate(config.layer_types):
-            if kind == "attention":
-                self.keys[i] = torch.zeros(kv_shape, dtype=dtype, device=self.device)
-                self.values[i] = torch.zeros(kv_shape, dtype=dtype, device=self.device)
-            else:
-                inner, width = config.mamba_inner, config.mamba_d_conv
-                self.conv_states[i] = torch.zeros(
-                    batch_size, inner, width - 1, dtype=dtype, device=self.device
-                )
-                self.ssm_states[i] = torch.zeros(
-                    batch_size, inner, config.mamba_d_state, dtype=ssm_dtype, device=self.device
-                )
+        attention = [i for i, kind in enumerate(config.layer_types) if kind == "attention"]
+        self.keys = {i: torch.zeros(kv_shape, dtype=dtype, device=self.device) for i in attention}
+        self.values = {i: torch.zeros(kv_shape, dtype=dtype, device=self.device) for i in attention}
+        self.conv_states, self.ssm_states = mamba_states(config, batch_size, dtype, self.device)
 
     def update_kv(
         self, layer: int, key: torch.Tensor, value: torch.Tensor
@@ -85,15 +148,3 @@ class HybridCache:
                 new[:, :, : self.length] = old[:, :, : self.length]
                 store[layer] = new
         self.capacity = capacity
-
-    def reset(self) -> None:
-        """Forget every sequence: length 0, states zeroed."""
-        self.length = 0
-        for store in (self.conv_states, self.ssm_states):
-            for state in store.values():
-                state.zero_()
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache's buffers (attention buffers at their current capacity)."""
-        stores = (self.keys, self.values, self.conv_states, self.ssm_states)
-        return sum(t.numel() * t.element_size() for store in stores for t in store.values())

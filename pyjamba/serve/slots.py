@@ -7,17 +7,18 @@ needs sequences that join and leave between steps, so here every slot has its ow
   and grown by doubling (shrunk back once every slot is free);
 - per Mamba layer, the conv inputs (slots, ED, W-1) and the SSM state (slots, ED, N).
 
-A forward call runs on some slots through a `SlotBatch`, which offers the model what it uses of a
-`HybridCache` (`length`, `batch_size`, `update_kv`, `conv_states`, `ssm_states`, `advance`), so
-model.py needs no change. Slots of different lengths decode together: the keys of each row are
-gathered up to the longest row, the new keys go last, and `attention_mask()` hides each row's gap
-between its own length and the longest one (padding in the middle, which the model's mask accepts).
+A forward call runs on some slots through a `SlotBatch`, an `InferenceCache` (pyjamba/cache.py:
+`length`, `batch_size`, `update_kv`, `conv_states`, `ssm_states`, `advance`), so model.py needs no
+change. Slots of different lengths decode together: the keys of each row are gathered up to the
+longest row, the new keys go last, and `attention_mask()` hides each row's gap between its own length
+and the longest one (padding in the middle, which the model's mask accepts).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..cache import mamba_states
 from ..config import JambaConfig
 
 __all__ = ["SlotBatch", "SlotPool"]
@@ -46,24 +47,11 @@ class SlotPool:
         self.capacity = capacity
         self.lengths = [0] * slots
         self._free = list(range(slots))
-        # The SSM state accumulates over the whole context: float32 at least (as HybridCache).
-        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.conv_states: dict[int, torch.Tensor] = {}
-        self.ssm_states: dict[int, torch.Tensor] = {}
-        for i, kind in enumerate(config.layer_types):
-            if kind == "attention":
-                self.keys[i] = self._kv_buffer(capacity)
-                self.values[i] = self._kv_buffer(capacity)
-            else:
-                inner = config.mamba_inner
-                self.conv_states[i] = torch.zeros(
-                    slots, inner, config.mamba_d_conv - 1, dtype=dtype, device=self.device
-                )  # (slots, ED, W-1)
-                self.ssm_states[i] = torch.zeros(
-                    slots, inner, config.mamba_d_state, dtype=ssm_dtype, device=self.device
-                )  # (slots, ED, N)
+        attention = [i for i, kind in enumerate(config.layer_types) if kind == "attention"]
+        self.keys = {i: self._kv_buffer(capacity) for i in attention}
+        self.values = {i: self._kv_buffer(capacity) for i in attention}
+        # Per Mamba layer: conv inputs (slots, ED, W-1) and SSM state (slots, ED, N).
+        self.conv_states, self.ssm_states = mamba_states(config, slots, dtype, self.device)
 
     def _kv_buffer(self, capacity: int) -> torch.Tensor:
         shape = (self.slots, self.config.num_key_value_heads, capacity, self.config.head_dim)
@@ -124,7 +112,7 @@ class SlotPool:
 
 
 class SlotBatch:
-    """The slots of one forward call, seen by the model as a HybridCache of `len(slots)` sequences.
+    """The slots of one forward call, an `InferenceCache` of `len(slots)` sequences for the model.
 
     `length` is the longest row's length (the model's `past`); rows shorter than it need the mask of
     `attention_mask(L)`. Mamba states are views of the pool when the slots are one ascending range,

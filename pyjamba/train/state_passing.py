@@ -2,7 +2,7 @@
 
 Jamba trains on long documents split into consecutive chunks; carrying every Mamba layer's conv and
 SSM state from one chunk to the next teaches the state to stay useful past the training length.
-`MambaCarry` is a cache the model accepts in place of `HybridCache`: it holds only the Mamba states
+`MambaCarry` is an `InferenceCache` (pyjamba/cache.py) that holds only the Mamba states
 (attention sees the current chunk alone, as it has no positional state to carry), and between
 chunks the trainer detaches it (gradients stop at the chunk boundary: truncated backpropagation
 through time) and zeroes the streams that start a new document.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import mamba_states
 from ..config import JambaConfig
 
 __all__ = ["MambaCarry"]
@@ -20,8 +21,8 @@ __all__ = ["MambaCarry"]
 class MambaCarry:
     """The Mamba conv and SSM states of `batch_size` streams, carried across training chunks.
 
-    It implements the part of `HybridCache`'s interface the model uses: `length` stays 0 (attention
-    has no past), `update_kv` returns the chunk's own keys and values, `advance` keeps no count.
+    As an `InferenceCache`: `length` stays 0 (attention has no past), `update_kv` returns the chunk's
+    own keys and values, `advance` keeps no count.
     """
 
     def __init__(
@@ -33,15 +34,7 @@ class MambaCarry:
     ) -> None:
         self.batch_size = batch_size
         self.length = 0
-        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        inner, width, n = config.mamba_inner, config.mamba_d_conv, config.mamba_d_state
-        mamba = [i for i, kind in enumerate(config.layer_types) if kind == "mamba"]
-        self.conv_states = {
-            i: torch.zeros(batch_size, inner, width - 1, dtype=dtype, device=device) for i in mamba
-        }
-        self.ssm_states = {
-            i: torch.zeros(batch_size, inner, n, dtype=ssm_dtype, device=device) for i in mamba
-        }
+        self.conv_states, self.ssm_states = mamba_states(config, batch_size, dtype, device)
 
     def update_kv(
         self, layer: int, key: torch.Tensor, value: torch.Tensor
