@@ -3,7 +3,7 @@
 Compares four implementations of the same forward (float32, with D, z and delta_bias, no gradient):
   reference     pyjamba.kernels.reference.selective_scan_ref (the spec: a loop over L)
   fast          pyjamba.kernels.chunked.selective_scan (kernels="torch", the chunked PyTorch scan)
-  numba         pyjamba.kernels.fused.selective_scan (kernels="numba", what "auto" runs on CPU with numba)
+  numba         pyjamba.kernels.numba.scan.selective_scan (kernels="numba", what "auto" runs on CPU with numba)
   transformers  transformers.models.jamba.modeling_jamba.mamba_selective_scan (its CPU path)
 and reports each one's time and peak memory as a ratio to transformers' on the same shape, and the
 numba kernel's time as a ratio to the chunked scan's (`speedup_vs_fast`).
@@ -75,7 +75,7 @@ def run_case(case: dict) -> dict:
 
     setup_s = None
     if case["impl"] == "numba":
-        from pyjamba.kernels import fused
+        from pyjamba.kernels.numba import scan as fused
 
         setup_s = round(fused.compile_kernels(), 2)
     A = -torch.exp(randn(inner, n_state, scale=0.5, shift=0.5))  # (ED, N)
@@ -105,7 +105,8 @@ def run_case(case: dict) -> dict:
                 return_last_state=True,
             )
     else:
-        from pyjamba.kernels import chunked, fused, reference
+        from pyjamba.kernels import chunked, reference
+        from pyjamba.kernels.numba import scan as fused
 
         scan = {
             "fast": chunked.selective_scan,
@@ -148,7 +149,8 @@ def paired(shapes: list[tuple[int, int, int]], threads: int) -> None:
     """Alternate the implementations call by call in this process; one JSON line per (B, L, ED)."""
     import torch
 
-    from pyjamba.kernels import chunked, fused
+    from pyjamba.kernels import chunked
+    from pyjamba.kernels.numba import scan as fused
 
     torch.set_num_threads(threads)
     setup_s = fused.compile_kernels()

@@ -1,4 +1,4 @@
-"""The fused one-token decoding kernels (pyjamba/kernels/decode.py) against the eager path they replace.
+"""The fused one-token decoding kernels (pyjamba/kernels/numba/decode.py) against the eager path they replace.
 
 A model built with kernels="numba" decodes float32 without autograd through the fused sublayers; the
 same weights with kernels="torch" take the eager path (MambaMixer.step, MLP, SparseMoE). Both are held
@@ -32,7 +32,7 @@ CONFIGS = dict(
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts the fused sublayer calls, so that a test knows the fused path ran (or did not)."""
-    from pyjamba.kernels import decode
+    from pyjamba.kernels.numba import decode
 
     counts = {"mamba_step": 0, "attention_step": 0, "mlp_step": 0, "moe_step": 0, "norm_gemv": 0}
     for name in counts:
@@ -186,7 +186,7 @@ def test_eager_path_under_autograd_padding_or_other_dtypes(calls: dict[str, int]
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_matches_linear(rows: int, out_features: int, in_features: int, bias: bool) -> None:
-    from pyjamba.kernels.decode import gemv
+    from pyjamba.kernels.numba.decode import gemv
 
     gen = torch.Generator().manual_seed(rows * out_features + in_features)
     weight = torch.randn(out_features, in_features, generator=gen)
@@ -201,7 +201,7 @@ def test_gemv_matches_linear(rows: int, out_features: int, in_features: int, bia
 
 
 def test_states_must_be_contiguous_float32() -> None:
-    from pyjamba.kernels.decode import mamba_step
+    from pyjamba.kernels.numba.decode import mamba_step
 
     model = random_model(CONFIGS["moe-gqa-untied"], kernels="numba")
     mixer = model.model.layers[0].mamba

@@ -1,4 +1,4 @@
-"""The fused elementwise kernels for prompts (pyjamba/kernels/elementwise.py) against their PyTorch twins."""
+"""The fused elementwise kernels for prompts (pyjamba/kernels/numba/elementwise.py) against their PyTorch twins."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pyjamba.kernels import numba_unavailable
-from pyjamba.model import causal_conv
+from pyjamba.kernels.ops import causal_conv
 from pyjamba.testing import relative_error
 
 pytestmark = pytest.mark.skipif(numba_unavailable() is not None, reason="numba is not installed")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(numba_unavailable() is not None, reason="numba i
 
 @pytest.fixture(scope="module")
 def ew():
-    from pyjamba.kernels import elementwise
+    from pyjamba.kernels.numba import elementwise
 
     return elementwise
 

@@ -295,7 +295,9 @@ def test_chunk_length_bounds_memory() -> None:
 def test_resolve_kernels() -> None:
     assert resolve_kernels("torch").selective_scan is chunked.selective_scan
     assert resolve_kernels("reference").selective_scan is reference.selective_scan_ref
-    custom = Kernels("mine", chunked.selective_scan, chunked.selective_state_update)
+    custom = Kernels(
+        "mine", selective_scan=chunked.selective_scan, selective_state_update=chunked.selective_state_update
+    )
     assert resolve_kernels(custom) is custom
     assert set(KERNEL_NAMES) == {"auto", "torch", "numba", "reference"}
     with pytest.raises(ValueError, match="unknown kernels"):
@@ -328,7 +330,7 @@ def test_numba_kernels_refuse_other_devices() -> None:
         resolve_kernels("numba", device="cuda")
 
 
-# The fused numba kernels (pyjamba/kernels/fused.py), on the sweeps above. ED = 130 and 300 cover a block
+# The fused numba kernels (pyjamba/kernels/numba/scan.py), on the sweeps above. ED = 130 and 300 cover a block
 # of W = 128 channels plus a partial one; N = 16 is Jamba's, which the update unrolls.
 
 

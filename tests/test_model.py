@@ -8,14 +8,10 @@ import torch.nn.functional as F
 
 import pyjamba.model as model_module
 from pyjamba.config import JambaConfig
-from pyjamba.model import (
-    Experts,
-    JambaForCausalLM,
-    causal_conv,
-    causal_conv_ref,
-    causal_conv_update,
-    linear,
-)
+from pyjamba.kernels import resolve_kernels
+from pyjamba.kernels.cpu import linear
+from pyjamba.kernels.ops import causal_conv, causal_conv_ref, causal_conv_update
+from pyjamba.model import Experts, JambaForCausalLM
 from pyjamba.testing import PARITY_CONFIGS, random_model, relative_error, to_transformers
 
 TOL = 1e-4  # float32, relative to the logits' norm
@@ -304,7 +300,7 @@ def test_gathered_experts_match_grouped(dtype, tol, seed):
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         num_experts=num_experts, num_experts_per_tok=draw(1, num_experts),
     )  # fmt: skip
-    experts = Experts(config).to(dtype)
+    experts = Experts(config, resolve_kernels("torch")).to(dtype)
     for p in experts.parameters():
         p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.1)
     router = torch.randn(config.hidden_size, num_experts, generator=g, dtype=dtype)

@@ -1,95 +1,125 @@
-"""Kernel selection: the selective scan and its one-token update, chosen once and passed to the model.
+"""The kernel table: every op the model computes through, chosen once per model by `resolve_kernels`.
 
-`resolve_kernels("auto")` picks the fastest implementation available for a device and logs the
-choice; asking for a kernel that cannot run raises, it never falls back silently.
+A model holds one `Kernels` and runs exactly it: nothing is looked up process-wide, so a model built
+with the reference backend never enters a numba function, whatever other models in the process
+loaded. Each field defaults to its torch reference (ops.py, reference.py); a backend replaces the
+ops it does faster, and each of its ops falls back to the torch one for a call its kernel does not
+take. Backends:
 
-    reference  reference.py: the spec, a loop over L in PyTorch
-    torch      chunked.py: chunked scan in PyTorch, differentiable; any device
-    numba      fused.py: one fused pass compiled by numba, CPU only, forward only (under autograd and for
-               float64 it hands the call to the chunked scan); needs the `numba` package. With it come
-               decode.py's fused one-token sublayers (`Kernels.decode`), which the model uses for
-               float32 decoding on CPU without autograd, and elementwise.py's fused norm, conv and
-               gate passes for prompts.
+    reference  the spec: ops.py's plain PyTorch and reference.py's loop over L for the scan
+    torch      chunked.py's scan (differentiable, any device); on a CPU, cpu.py's routing of the
+               projections to MKL or oneDNN by shape; elsewhere PyTorch's own ops
+    numba      numba/: fused CPU kernels for float32 inference (the scan, the prompt's norm, conv
+               and gate, and the whole one-token step of a layer); needs the `numba` package
+    (triton)   the place for GPU kernels: a module that returns a `Kernels` of its own ops
+
+`resolve_kernels("auto", device)` picks the fastest backend for the device and says why (`.why`);
+asking for one that cannot run raises, it never falls back silently.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from . import chunked, reference
+from . import chunked, cpu, ops, reference
 
-__all__ = ["KERNEL_NAMES", "Kernels", "loaded", "numba_unavailable", "resolve_kernels"]
+__all__ = ["KERNEL_NAMES", "Kernels", "numba_unavailable", "resolve_kernels"]
 
 logger = logging.getLogger(__name__)
 
 KERNEL_NAMES = ("auto", "torch", "numba", "reference")
 
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _norm_linear(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """The final norm then the head: linear(rms_norm(x)), the reference of `Kernels.norm_linear`."""
+    return ops.linear(ops.rms_norm(x, norm_weight, eps), weight)
+
 
 @dataclass(frozen=True)
 class Kernels:
-    """A named pair, the full-sequence selective scan and the one-token state update, and optionally
-    the fused decoding sublayers (the `decode` module: `mamba_step`, `mlp_step`, `moe_step`, `gemv`)."""
+    """One backend's ops. Shapes: scan inputs as reference.py's; the rest as ops.py's.
+
+    selective_scan, selective_state_update: the SSM over a prompt, and one step of it (reference.py).
+    linear(x, weight, bias): every projection. rms_norm(x, weight, eps). silu_mul(gate, up): the
+    SwiGLU gate (a backend may write it into gate). conv_silu(x, past, weight, bias): the causal
+    depthwise conv of a prompt and its SiLU, `past` moved on; conv_silu_step the same for one token.
+    norm_linear(x, norm_weight, eps, weight): the final norm and the head.
+    layer_step(layer, x, attn_mask, pad_mask, cache): a whole Layer's forward in one fused step, or
+    None for a call it does not take (then the Layer's own forward runs); None: no fused step.
+    why: how the backend came to be chosen (`resolve_kernels`).
+    """
 
     name: str
-    selective_scan: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    selective_state_update: Callable[..., torch.Tensor]
-    decode: Any = None
+    why: str = ""
+    selective_scan: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.selective_scan_ref
+    selective_state_update: Callable[..., torch.Tensor] = reference.selective_state_update_ref
+    linear: Linear = ops.linear
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = ops.rms_norm
+    silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ops.silu_mul
+    conv_silu: Conv = ops.conv_silu_ref
+    conv_silu_step: Conv = ops.conv_silu_step
+    norm_linear: Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor] = _norm_linear
+    layer_step: Callable[..., Any] | None = None
 
 
-_REGISTRY = {
-    "reference": Kernels("reference", reference.selective_scan_ref, reference.selective_state_update_ref),
-    "torch": Kernels("torch", chunked.selective_scan, chunked.selective_state_update),
-}
+def _torch_norm_linear(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+) -> torch.Tensor:
+    return cpu.linear(ops.rms_norm_fast(x, norm_weight, eps), weight)
 
 
-def _fused() -> ModuleType:
-    """Import the numba kernels (importing numba itself takes a moment, so only when asked for)."""
-    return importlib.import_module(f"{__name__}.fused")
+def _reference(why: str) -> Kernels:
+    return Kernels("reference", why)
+
+
+def _torch(why: str) -> Kernels:
+    # cpu.linear hands anything but CPU inference to F.linear, so the table serves every device.
+    return Kernels(
+        "torch",
+        why,
+        selective_scan=chunked.selective_scan,
+        selective_state_update=chunked.selective_state_update,
+        linear=cpu.linear,
+        rms_norm=ops.rms_norm_fast,
+        conv_silu=ops.conv_silu,
+        norm_linear=_torch_norm_linear,
+    )
 
 
 def numba_unavailable() -> str | None:
     """Why the numba kernels cannot be used here, or None if they can (numba imports)."""
     try:
-        _fused()
+        importlib.import_module("numba")
     except ImportError as e:
         return f"numba is not importable ({e}); install it with `pip install numba`"
     return None
 
 
-def _numba_kernels() -> Kernels:
+def _numba(why: str) -> Kernels:
     """The numba Kernels, compiled now (or loaded from numba's cache); raises if they cannot be."""
     reason = numba_unavailable()
     if reason is not None:
         raise RuntimeError(f"kernels='numba' is unavailable: {reason}")
-    fused = _fused()
-    seconds = fused.compile_kernels()
-    logger.info("numba kernels compiled or loaded in %.1f s", seconds)
-    decode = importlib.import_module(f"{__name__}.decode")
-    importlib.import_module(f"{__name__}.elementwise")  # for `loaded`
-    return Kernels("numba", fused.selective_scan, fused.selective_state_update, decode)
-
-
-def loaded(name: str) -> ModuleType | None:
-    """The numba module `name` ("decode" or "elementwise") once the numba kernels are loaded in this
-    process, else None. model.py's pieces that hold no `Kernels` (`linear`, RMSNorm, the SwiGLU gate)
-    use them through this, process-wide; it never imports numba itself."""
-    return sys.modules.get(f"{__name__}.{name}")
+    return importlib.import_module(f"{__name__}.numba").kernels(why)
 
 
 def resolve_kernels(name: str | Kernels = "auto", device: torch.device | str | None = None) -> Kernels:
-    """Turn a kernel name into Kernels.
+    """The backend `name` for a model on `device` (default CPU), with why it was chosen.
 
-    "auto" is "numba" on CPU when numba is importable and its kernels compile, else "torch"; on other
-    devices "torch". The choice, and why, is logged. "numba" raises if numba is missing or the device is
-    not a CPU.
+    "auto" is "numba" on CPU when numba is importable and its kernels compile, else "torch"; on
+    other devices "torch". The choice, and why, is logged. "numba" raises if numba is missing or
+    the device is not a CPU.
     """
     if isinstance(name, Kernels):
         return name
@@ -99,18 +129,20 @@ def resolve_kernels(name: str | Kernels = "auto", device: torch.device | str | N
     if name == "numba":
         if device_type != "cpu":
             raise ValueError(f"kernels='numba' runs on CPU only, not on {device_type}")
-        return _numba_kernels()
-    if name != "auto":
-        return _REGISTRY[name]
+        return _numba("asked for")
+    if name == "torch":
+        return _torch("asked for")
+    if name == "reference":
+        return _reference("asked for")
     if device_type != "cpu":
-        resolved, why = _REGISTRY["torch"], "the numba kernels run on CPU only"
+        resolved = _torch(f"auto: the numba kernels run on CPU only, this model is on {device_type}")
     elif (reason := numba_unavailable()) is not None:
-        resolved, why = _REGISTRY["torch"], reason
+        resolved = _torch(f"auto: {reason}")
     else:
         try:
-            resolved, why = _numba_kernels(), "numba is installed and its kernels compiled"
+            resolved = _numba("auto: numba is installed and its kernels compiled")
         except Exception as e:  # a compiler failure must not stop the model; it is logged, not hidden
             logger.warning("the numba kernels failed to compile, using 'torch': %r", e)
-            resolved, why = _REGISTRY["torch"], f"numba failed to compile ({type(e).__name__})"
-    logger.info("kernels='auto' resolved to %r on device %s: %s", resolved.name, device_type, why)
+            resolved = _torch(f"auto: numba failed to compile its kernels ({type(e).__name__})")
+    logger.info("kernels='auto' resolved to %r on device %s: %s", resolved.name, device_type, resolved.why)
     return resolved

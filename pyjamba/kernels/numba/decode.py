@@ -1,7 +1,8 @@
 """Fused one-token decoding on a CPU: a Mamba, attention, SwiGLU MLP or MoE sublayer (its RMSNorm
 and residual included), the final norm with the head, and a matrix-vector product, each one numba
-call. Their readable twins are `MambaMixer.step`, `Attention`, `MLP`, `SparseMoE` and `linear` in
-model.py (the eager path), held together by tests/test_decode_kernels.py.
+call. Their readable twins are `MambaMixer.step`, `Attention`, `MLP`, `SparseMoE` and `ops.linear`
+(the eager path), held together by tests/test_decode_kernels.py; step.py decides which calls take
+them and hands them a model's weights.
 
 Why (jamba-small, float32, batch 1, 2-core AVX2 CPU; docs/benchmarks.md): a decoding step reads
 0.26 GB of weights, 9.5 ms at the machine's 27 GB/s. Eagerly it took 26 ms: the projections ran at
@@ -24,13 +25,14 @@ Only float32 on CPU without autograd; anything else takes the eager path (`suppo
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from numba import njit, prange, types
 
-from .fused import _exp, _exp2_product, _set_threads, _silu, _softplus
+from .scan import _exp, _exp2_product, _set_threads, _silu, _softplus
 
 __all__ = ["attention_step", "gemv", "mamba_step", "mlp_step", "moe_step", "norm_gemv", "supported"]
 
@@ -356,21 +358,26 @@ def _np(t: torch.Tensor | None) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
-def _views(owner: object, tensors: tuple[torch.Tensor | None, ...]) -> tuple[np.ndarray, ...]:
-    """numpy views of `tensors`, kept on `owner` (the sublayer) while every tensor stays where it is.
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _views(owner: object | None, tensors: tuple[torch.Tensor | None, ...]) -> tuple[np.ndarray, ...]:
+    """numpy views of `tensors`, kept for `owner` (the sublayer) while every tensor stays where it is.
 
     Making a view costs a few microseconds, and a sublayer has up to 15 weights: per token and layer
     that was a third of the kernel's time. Views share the weights' memory, so in-place updates show
     through; a replaced weight (another data pointer) rebuilds them. Copies (a weight not contiguous
-    float32) are never kept.
+    float32) are never kept. They are held here, weakly keyed by the owner: nothing on the modules.
     """
+    if owner is None:  # nothing to keep them for
+        return tuple(_np(t) for t in tensors)
     key = tuple(0 if t is None else t.data_ptr() for t in tensors)
-    cached = getattr(owner, "_decode_views", None)
+    cached = _VIEWS.get(owner)
     if cached is not None and cached[0] == key:
         return cached[1]
     arrays = tuple(_np(t) for t in tensors)
     if all(t is None or a.ctypes.data == t.data_ptr() for t, a in zip(tensors, arrays, strict=True)):
-        object.__setattr__(owner, "_decode_views", (key, arrays))
+        _VIEWS[owner] = (key, arrays)
     return arrays
 
 
@@ -441,7 +448,7 @@ def attention_step(
 
 
 def norm_gemv(
-    owner: object, x: torch.Tensor, eps: float, weights: tuple[torch.Tensor, torch.Tensor]
+    owner: object | None, x: torch.Tensor, eps: float, weights: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """RMSNorm(x) @ weight^T for x (..., D): the final norm and the head; weights: the norm's, the
     projection's (views kept on owner)."""

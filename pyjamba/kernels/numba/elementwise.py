@@ -1,6 +1,6 @@
 """Fused elementwise steps of a prompt's forward pass on a CPU, compiled by numba: one pass each where
-PyTorch makes several. Their readable twins are in model.py (`RMSNorm`, `causal_conv` + F.silu,
-`F.silu(gate) * up`), held together by tests/test_decode_kernels.py.
+PyTorch makes several. Their readable twins are kernels/ops.py's (`rms_norm`, `conv_silu`,
+`silu_mul`), held together by tests/test_elementwise_kernels.py.
 
 Why (jamba-small prefill, 512 tokens, float32, 2 threads): the projections run at the machine's
 matmul rate, so what is left is the ~20% of the time spent elsewhere. RMSNorm is six passes in
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from numba import njit, prange, types
 
 from .decode import _dot, _span, supported
-from .fused import _set_threads, _silu
+from .scan import _set_threads, _silu
 
 __all__ = ["conv_silu", "rms_norm", "silu_mul", "supported"]
 

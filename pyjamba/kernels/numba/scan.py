@@ -66,7 +66,7 @@ import torch
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from . import chunked
+from .. import chunked
 
 __all__ = ["compile_kernels", "selective_scan", "selective_state_update"]
 
