@@ -5,6 +5,8 @@ from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import PRESETS, ConfigError, JambaConfig
 from .kernels import Kernels, resolve_kernels
 from .model import CausalLMOutput, JambaForCausalLM
+from .pipeline import TextGenerator
+from .runtime import load
 
 __all__ = [
     "PRESETS",
@@ -15,7 +17,9 @@ __all__ = [
     "JambaConfig",
     "JambaForCausalLM",
     "Kernels",
+    "TextGenerator",
     "from_pretrained",
+    "load",
     "resolve_kernels",
     "save_pretrained",
 ]

@@ -39,8 +39,9 @@ rows then carry their run times (`times_s`) and ours the median of the per-run r
 (`speed_vs_transformers_round_median`) besides the ratio of the best times. It needs both models
 in memory at once (not for a 3B model in float32 on 24 GiB).
 
-`--dtype auto` (the default) is `checkpoint.auto_dtype`'s choice for this machine, resolved once
-and written in every row.
+`--dtype auto` (the default) is `dtypes.auto_dtype`'s choice for this machine, resolved once
+and written in every row. pyjamba's model loads as the commands load it (`runtime.load_weights`):
+`--kernels` picks its Mamba kernels (the rows name them), `--verbose` prints what was chosen and why.
 
     pyjamba bench --model-preset jamba-small --threads 2 --paired
     pyjamba bench --model-preset jamba-small --dtype float32 --threads 2 --wait-idle
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, JambaConfig
+from .runtime import KERNEL_NAMES
 
 __all__ = ["decode_bytes_per_step", "main", "prefill_flops", "variant_config"]
 
@@ -243,26 +245,33 @@ def model_matmul_gflops(config: JambaConfig, threads: int, tokens: int = 512) ->
 
 
 # ---- one engine, in its own process ---------------------------------------------------------------
-def _load(engine: str, folder: str, dtype: str, huge_pages: bool = True) -> Any:
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
+def _load(engine: str, case: dict[str, Any]) -> Any:
+    """The engine's model from the case's checkpoint; ours through `runtime.load_weights`, as the
+    commands load it (huge pages, kernels), its choices on stderr with --verbose."""
     if engine == "ours":
-        from .hugepages import move_to_huge_pages
-        from .model import JambaForCausalLM
+        from .runtime import load_weights
 
-        model = JambaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-        if huge_pages:  # as pipeline.load and the server do
-            move_to_huge_pages(model)
+        model, choices = load_weights(
+            case["checkpoint"],
+            dtype=case["dtype"],
+            kernels=case.get("kernels", "auto"),
+            huge_pages=case.get("huge_pages", True),
+        )
+        if case.get("verbose"):
+            print(f"pyjamba bench: {choices.summary()}", file=sys.stderr, flush=True)
         return model
     import warnings
 
     import transformers
 
+    from .dtypes import parse_dtype
+
     transformers.logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.JambaForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        model = transformers.JambaForCausalLM.from_pretrained(
+            case["checkpoint"], dtype=parse_dtype(case["dtype"])
+        )
     return model.eval()
 
 
@@ -306,7 +315,7 @@ class _Engine:
         self._stream: Any = None  # the buffer `_bandwidth` sums, made at the first decode run
         start = time.perf_counter()
         with _Peak() as peak:
-            model = _load(case["engine"], case["checkpoint"], case["dtype"], case.get("huge_pages", True))
+            model = _load(case["engine"], case)
         load_s = time.perf_counter() - start
         self.prefill, self.step = _engine_calls(case["engine"], model, case.get("prefill_chunk", 0))
         self.vocab = model.config.vocab_size
@@ -527,7 +536,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyjamba bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model-preset", default="jamba-small", choices=sorted(PRESETS))
     parser.add_argument(
-        "--dtype", default="auto", choices=("auto", *DTYPES), help="auto: checkpoint.auto_dtype's choice here"
+        "--dtype", default="auto", choices=("auto", *DTYPES), help="auto: dtypes.auto_dtype's choice here"
+    )
+    parser.add_argument(
+        "--kernels", default="auto", choices=KERNEL_NAMES, help="pyjamba's Mamba kernels (default: auto)"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="say on stderr which kernels and dtype pyjamba chose, and why"
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192], help="prompt lengths")
@@ -624,10 +639,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     dtype = args.dtype
     if dtype == "auto":
-        from .checkpoint import auto_dtype
+        from .dtypes import dtype_name, resolve_dtype
 
-        dtype = str(auto_dtype(JambaConfig.from_preset(args.model_preset))).removeprefix("torch.")
-        print(f"pyjamba bench: --dtype auto is {dtype} here", file=sys.stderr)
+        resolved, why = resolve_dtype("auto", JambaConfig.from_preset(args.model_preset))
+        dtype = dtype_name(resolved)
+        print(f"pyjamba bench: --dtype auto is {dtype} here ({why})", file=sys.stderr)
     machine_args = ["--machine", "--threads", str(args.threads), "--model-preset", args.model_preset]
     if args.no_machine:
         machine = {"bench": "machine", "skipped": True}
@@ -673,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
                     "repeats": args.repeats,
                     "prefill_chunk": args.prefill_chunk,
                     "huge_pages": not args.no_huge_pages,
+                    "kernels": args.kernels,
+                    "verbose": args.verbose,
                     "wait_idle": args.wait_idle,
                 }
             )

@@ -11,11 +11,13 @@ stacked and the checkpoint stores one per expert:
 and a tied head (`tie_word_embeddings`), which transformers leaves out of the file: `lm_head.weight`
 is the embedding. `from_hf` and `to_hf` are that map as pure functions over dicts.
 
-`from_pretrained` builds the model on the meta device, checks every name, shape and dtype in the
-files against it, then hands `load_state_dict(assign=True)` tensors that cost no copy where none is
-needed: a tensor in the wanted dtype is a view of the memory-mapped file (pages come in when first
-touched), and each expert stack is read with plain file reads straight into the stacked parameter, so
-that the per-expert tensors never sit in memory next to their stack.
+`load_model` (and `from_pretrained`, the same for JambaForCausalLM) builds the model on the meta
+device, checks every name, shape and dtype in the files against it, then hands
+`load_state_dict(assign=True)` tensors that cost no copy where none is needed: a tensor in the wanted
+dtype is a view of the memory-mapped file (pages come in when first touched), and each expert stack
+is read with plain file reads straight into the stacked parameter, so that the per-expert tensors
+never sit in memory next to their stack. checkpoint.py never imports model.py at its top (model.py
+imports it): `load_model` is given the class to build.
 
 `save_pretrained` writes into a temporary sibling folder that then replaces the old one
 (folders.py: in one step where Linux's renameat2 can exchange them, else by two renames), so that a
@@ -37,6 +39,7 @@ import shutil
 import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
@@ -44,9 +47,12 @@ from safetensors import SafetensorError, safe_open
 
 from . import folders
 from .config import JambaConfig
+from .dtypes import auto_dtype, cpu_has_native_bf16, parse_dtype, resolve_dtype
 from .folders import replace_folder
-from .kernels import Kernels
-from .model import JambaForCausalLM
+from .kernels import Kernels, resolve_kernels
+
+if TYPE_CHECKING:
+    from .model import JambaForCausalLM
 
 __all__ = [
     "CheckpointError",
@@ -54,6 +60,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "from_hf",
     "from_pretrained",
+    "load_model",
     "parse_size",
     "recover_folder",
     "replace_folder",
@@ -284,83 +291,6 @@ def _data_ranges(file: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bfloat16 natively: AVX512-BF16 or AMX-BF16 (x86), BF16 (Arm).
-
-    Read from the flags of /proc/cpuinfo (or the text given); False where there is none to read.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            return bool(set(line.partition(":")[2].split()) & {"avx512_bf16", "amx_bf16", "bf16"})
-    return False
-
-
-def _available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes, or None where there is no such file."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def auto_dtype(
-    config: JambaConfig,
-    device: torch.device | str = "cpu",
-    *,
-    native_bf16: bool | None = None,
-    available_bytes: int | None = None,
-) -> torch.dtype:
-    """The weights' dtype that runs `config` fastest on `device`: what `dtype="auto"` resolves to.
-
-    - Not a CPU: bfloat16 (accelerators multiply it at float32's rate or faster).
-    - A CPU with native bfloat16 matmuls (`cpu_has_native_bf16`): bfloat16, half the bytes to read.
-    - Any other CPU: float32. There torch's bfloat16 GEMM is a scalar loop (1.7 GFLOP/s against 81
-      in float32 on the 2-core AVX2 EPYC of docs/benchmarks.md), so `model.linear` multiplies all but
-      the smallest batches in float32 anyway, converting the weight on every call. Measured there
-      (jamba-small, paired runs): bfloat16 prefill 7% slower, decoding one sequence 17% faster (half
-      the bytes), four sequences 1.6x and eight 2x slower; and bfloat16 weights lose precision.
-      Unless float32 weights would take more than 80% of the available memory (MemAvailable, or
-      `available_bytes`) while bfloat16 ones would not: then bfloat16, which at least fits.
-
-    native_bf16 and available_bytes override what is read from this machine (for tests).
-    """
-    device = torch.device(device)
-    if device.type != "cpu":
-        return torch.bfloat16
-    if native_bf16 is None:
-        native_bf16 = cpu_has_native_bf16()
-    if native_bf16:
-        return torch.bfloat16
-    if available_bytes is None:
-        available_bytes = _available_memory()
-    if available_bytes is not None:
-        from .accounting import total_params
-
-        params = total_params(config)
-        if 4 * params > 0.8 * available_bytes and 2 * params <= 0.8 * available_bytes:
-            return torch.bfloat16
-    return torch.float32
-
-
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        resolved = dtype
-    else:
-        resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if resolved is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
-        raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
-    return resolved
-
-
 def _read_config(folder: Path) -> tuple[JambaConfig, str | None]:
     """The folder's JambaConfig (ConfigError names the file) and the dtype config.json declares."""
     file = folder / CONFIG_FILE
@@ -412,36 +342,40 @@ def _check(files: _Files, expected: dict[str, torch.Tensor], config: JambaConfig
         files.dtype(key)  # raises for a non-floating dtype
 
 
-def from_pretrained(
+def load_model(
+    model_class: type[JambaForCausalLM],
     path: str | os.PathLike,
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     kernels: str | Kernels = "auto",
 ) -> JambaForCausalLM:
-    """A JambaForCausalLM from a Hugging Face model folder (config.json + safetensors, one file or sharded).
+    """A `model_class(config, kernels=kernels)` with its weights read from a Hugging Face model folder
+    (config.json + safetensors, one file or sharded): what `JambaForCausalLM.from_pretrained` runs.
 
-    dtype: None keeps each tensor's checkpoint dtype; "auto" is `auto_dtype(config, device)`, the
-    fastest for this machine; else every tensor is converted to it while read.
+    dtype: None or "stored" keeps each tensor's checkpoint dtype; "auto" is `dtypes.auto_dtype(config,
+    device)`, the fastest for this machine; else every tensor is converted to it while read
+    (`dtypes.parse_dtype` reads names).
     On the CPU in the checkpoint's dtype, parameters other than the experts are views of the
     memory-mapped files (copy-on-write: the files never change); expert stacks are read into place.
     Raises CheckpointError naming the file (and the tensor) for anything that does not fit the config,
     ConfigError for a config.json that is not a valid Jamba config (before anything is built). A folder
     missing because a save was killed midway is first put back (`recover_folder`).
     """
+    asked = parse_dtype(dtype)  # a bad name fails before anything is read
     folder = Path(path)
     if not folder.is_dir():
         recover_folder(folder)  # or waits for a save that is between its two renames
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder}")
     config, declared_dtype = _read_config(folder)
-    if dtype == "auto":
-        dtype = auto_dtype(config, device)
-        logger.info("dtype auto: %s on %s", dtype, torch.device(device))
-    target = _as_dtype(dtype)
+    target, why = resolve_dtype(asked, config, device)
+    if asked == "auto":
+        logger.info("dtype auto: %s on %s (%s)", target, torch.device(device), why)
     device = torch.device(device)
+    kernels = resolve_kernels(kernels, device)  # "auto": the fastest for the device the weights go to
     with torch.device("meta"):
-        model = JambaForCausalLM(config, kernels=kernels)
+        model = model_class(config, kernels=kernels)
     expected = model.state_dict()
     files = _Files(folder)
     _check(files, expected, config)
@@ -485,6 +419,19 @@ def from_pretrained(
         folder, len(files.file_of), len(files.handles), "/".join(dtypes), declared_dtype, device,
     )  # fmt: skip
     return model.eval()
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    kernels: str | Kernels = "auto",
+) -> JambaForCausalLM:
+    """A JambaForCausalLM from a Hugging Face model folder: `load_model(JambaForCausalLM, path, ...)`."""
+    from .model import JambaForCausalLM  # not at the top: model.py imports this module
+
+    return load_model(JambaForCausalLM, path, dtype=dtype, device=device, kernels=kernels)
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -567,7 +514,7 @@ def save_pretrained(
     model files are not. The folder gets ordinary permissions (0o777 less the umask).
     """
     limit = parse_size(max_shard_size)
-    target = _as_dtype(dtype)
+    target = parse_dtype(dtype, allow_auto=False)
     config = model.config
     state = model.state_dict()
     if config.tie_word_embeddings and state[_HEAD].data_ptr() != state[_EMBED].data_ptr():

@@ -2,6 +2,8 @@
 
 Sampling defaults are the ones users know (temperature 0.8, top-p 0.95, top-k 40) unless the
 model's `generation_config.json` says otherwise; options on the command line win over both.
+The model loads through `runtime.load` (`--dtype`, `--kernels`, `--threads`); `--verbose` says on
+stderr which kernels and dtype were chosen, and why.
 """
 
 from __future__ import annotations
@@ -11,25 +13,17 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-import torch
-
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .pipeline import ModelNotFoundError, TextGenerator, load
+from .dtypes import DTYPE_CHOICES
+from .pipeline import TextGenerator
+from .runtime import KERNEL_NAMES, Choices, ModelNotFoundError, load
 from .sampling import NonFiniteLogits, SamplingError, SamplingParams
 from .tokenizer import TokenizerError
 
-__all__ = ["chat_main", "generate_main"]
+__all__ = ["add_weight_options", "chat_main", "generate_main", "print_choices"]
 
 CLI_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "max_new_tokens": 256}
-# auto: the fastest for this machine (checkpoint.auto_dtype); stored: each tensor as the checkpoint has it.
-DTYPE_CHOICES = {
-    "auto": "auto",
-    "stored": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -52,14 +46,31 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_weight_options(parser: argparse.ArgumentParser) -> None:
-    """--dtype and --threads, as every command that loads a model for inference takes them."""
+    """--dtype, --kernels, --threads and --verbose, as every command that loads a model for inference
+    takes them (the arguments of `runtime.load`)."""
     parser.add_argument(
         "--dtype",
-        choices=list(DTYPE_CHOICES),
+        choices=DTYPE_CHOICES,
         default="auto",
         help="weights' dtype (auto: the fastest on this machine; stored: as in the checkpoint)",
     )
+    parser.add_argument(
+        "--kernels",
+        choices=KERNEL_NAMES,
+        default="auto",
+        help="the Mamba scan's kernels (auto: numba on CPU when it is installed, else torch; "
+        "reference: the plain loop, slow)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="say on stderr which kernels and dtype were chosen, and why"
+    )
+
+
+def print_choices(prog: str, choices: Choices | None) -> None:
+    """What --verbose prints on stderr: 'pyjamba: kernels numba (why), dtype float32 (why), ...'."""
+    if choices is not None:
+        print(f"{prog}: {choices.summary()}", file=sys.stderr, flush=True)
 
 
 def _options(args: argparse.Namespace, generator: TextGenerator) -> dict:
@@ -94,11 +105,12 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace) -> TextGenerator:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    return load(args.model, dtype=DTYPE_CHOICES[args.dtype])
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    generator = load(args.model, dtype=args.dtype, kernels=args.kernels, threads=args.threads)
+    if args.verbose:
+        print_choices("pyjamba", generator.choices)
+    return generator
 
 
 def _run(body: Callable[[], int], prog: str) -> int:

@@ -20,13 +20,15 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .cache import HybridCache
-from .model import JambaForCausalLM
 from .sampling import SamplingError, SamplingParams, check_logits
+
+if TYPE_CHECKING:
+    from .model import JambaForCausalLM  # model.py imports this module
 
 __all__ = [
     "GenerationConfig",

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import HybridCache, InferenceCache
+from .checkpoint import load_model, save_pretrained
 from .config import JambaConfig
+from .generate import generate
 from .kernels import Kernels, resolve_kernels
 
 __all__ = ["CausalLMOutput", "Jamba", "JambaForCausalLM", "load_balancing_loss"]
@@ -464,17 +466,13 @@ class JambaForCausalLM(nn.Module):
         device: torch.device | str = "cpu",
         kernels: str | Kernels = "auto",
     ) -> JambaForCausalLM:
-        """Load a Hugging Face Jamba folder (see `checkpoint.from_pretrained`)."""
-        from .checkpoint import from_pretrained
-
-        return from_pretrained(path, dtype=dtype, device=device, kernels=kernels)
+        """Load a Hugging Face Jamba folder (see `checkpoint.load_model`)."""
+        return load_model(cls, path, dtype=dtype, device=device, kernels=kernels)
 
     def save_pretrained(
         self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
     ) -> None:
         """Write the Hugging Face layout, atomically (see `checkpoint.save_pretrained`)."""
-        from .checkpoint import save_pretrained
-
         save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
     @torch.no_grad()
@@ -482,8 +480,6 @@ class JambaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
         """The prompt and the new tokens (B, prompt + new), as transformers' generate; see `generate.generate`."""
-        from .generate import generate
-
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()

@@ -1,91 +1,71 @@
-"""Text in, text out: a model, its tokenizer and its generation defaults, loaded together.
+"""Text in, text out: `TextGenerator`, a model with its tokenizer, generation defaults and stop tokens.
 
-`load(source)` resolves a model folder, a Hugging Face repo id (with `huggingface_hub` and a
-network), or the model shipped inside the package, and returns a `TextGenerator`, which renders
-chat templates, streams text (never a broken character, never past a stop string) and returns it.
+`pyjamba.load(source)` (`runtime.load`) makes one from a model folder, a Hugging Face repo id or the
+model shipped inside the package. A TextGenerator renders chat templates, streams text (never a
+broken character, never past a stop string) and returns it. `load`, `resolve_model`, `SHIPPED_MODEL`
+and `ModelNotFoundError` are still importable from here; they live in runtime.py.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import recover_folder
-from .generate import GenerationConfig, stream
-from .hugepages import move_to_huge_pages
-from .model import JambaForCausalLM
+from .generate import stream
 from .tokenizer import StreamDecoder, Tokenizer
 
-__all__ = ["SHIPPED_MODEL", "ModelNotFoundError", "TextGenerator", "load", "resolve_model"]
+if TYPE_CHECKING:
+    from .model import JambaForCausalLM
+    from .runtime import Choices
 
-logger = logging.getLogger(__name__)
+__all__ = ["TextGenerator"]
 
-# The model trained by pyjamba and shipped inside the package (see its model card there).
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "model"
-
-
-class ModelNotFoundError(Exception):
-    """No model at the place named: the message says what was tried."""
+_FROM_RUNTIME = ("SHIPPED_MODEL", "ModelNotFoundError", "load", "resolve_model")
 
 
-def resolve_model(source: str | os.PathLike | None) -> Path:
-    """The local folder of a model: a folder as given, a Hugging Face repo id downloaded, or the shipped one."""
-    if source is None:
-        if not (SHIPPED_MODEL / "config.json").is_file():
-            raise ModelNotFoundError(
-                "no model ships with this version of pyjamba yet: pass --model with a Jamba model folder "
-                "(config.json, safetensors weights and tokenizer.json)"
-            )
-        return SHIPPED_MODEL
-    path = Path(source).expanduser()
-    recover_folder(path)  # a save interrupted between its two renames left the previous version aside
-    if path.is_dir():
-        return path
-    text = str(source)
-    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
-    if not looks_like_repo:
-        raise ModelNotFoundError(f"no model folder at {path}")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise ModelNotFoundError(
-            f"{text!r} is not a local folder, and reading it as a Hugging Face repo id needs "
-            "huggingface_hub (pip install huggingface_hub)"
-        ) from exc
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as exc:  # network down, repo absent, gated: all end the same way for the user
-        raise ModelNotFoundError(
-            f"could not download {text!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}); "
-            "offline, pass --model with a local folder"
-        ) from exc
+def __getattr__(name: str) -> Any:
+    """The loading names that moved to runtime.py (which imports this module), for older imports."""
+    if name in _FROM_RUNTIME:
+        from . import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
 class TextGenerator:
-    """A model with its tokenizer and generation defaults: prompts in, text out.
+    """A model with its tokenizer, generation defaults and stop tokens: prompts in, text out.
 
     `defaults` holds the options the model folder's `generation_config.json` sets (and only those),
-    as keyword arguments of `generate.stream`.
+    as keyword arguments of `generate.stream`. `eos_token_ids` are the stop tokens by runtime.py's one
+    rule (`runtime.stop_token_ids`: the tokenizer's, config.json's and generation_config.json's),
+    worked out from the other fields when not given. `choices` says how `runtime.load` loaded the
+    model, and why (None for a TextGenerator built by hand).
     """
 
     model: JambaForCausalLM
     tokenizer: Tokenizer
     defaults: dict[str, Any] = field(default_factory=dict)
+    eos_token_ids: list[int] | None = None
+    choices: Choices | None = None
+
+    def __post_init__(self) -> None:
+        if self.eos_token_ids is None:
+            from .runtime import stop_token_ids  # runtime.py imports this module
+
+            self.eos_token_ids = stop_token_ids(
+                self.tokenizer, self.model.config, self.defaults.get("eos_token_id")
+            )
 
     def options(self, **overrides: Any) -> dict[str, Any]:
-        """The keyword arguments for `generate.stream`: the defaults, then the overrides that are not None."""
+        """The keyword arguments for `generate.stream`: the defaults, then the overrides that are not None;
+        `eos_token_id` is the stop tokens, with any an override adds."""
         options = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        eos = set(self.tokenizer.eos_token_ids) | set(self.model.config.eos_token_ids)
-        given = options.get("eos_token_id")
+        eos = set(self.eos_token_ids)
+        given = overrides.get("eos_token_id")
         if given is not None:
             eos |= {given} if isinstance(given, int) else set(given)
         options["eos_token_id"] = sorted(eos)
@@ -154,36 +134,3 @@ def _split_at_stop(text: str, stop: list[str], final: bool = False) -> tuple[str
                 hold = max(hold, k)
                 break
     return text[: len(text) - hold], text[len(text) - hold :], False
-
-
-def load(
-    source: str | os.PathLike | None = None,
-    *,
-    dtype: torch.dtype | str | None = "auto",
-    device: torch.device | str = "cpu",
-    kernels: str = "auto",
-    huge_pages: bool = True,
-) -> TextGenerator:
-    """Model, tokenizer and generation defaults from a folder, a Hub repo id, or the shipped model.
-
-    dtype: "auto" the fastest for this machine (`checkpoint.auto_dtype`), None as stored, or a dtype.
-    huge_pages: on a CPU, copy the weights into transparent huge pages where Linux offers them
-        (`hugepages.move_to_huge_pages`: decoding streams them ~10% faster).
-    """
-    folder = resolve_model(source)
-    model = JambaForCausalLM.from_pretrained(folder, dtype=dtype, device=device, kernels=kernels)
-    if huge_pages:
-        move_to_huge_pages(model)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    logger.info("loaded %s (%s)", folder, next(model.parameters()).dtype)
-    return TextGenerator(model, tokenizer, _generation_defaults(folder))
-
-
-def _generation_defaults(folder: Path) -> dict[str, Any]:
-    """The options `generation_config.json` sets, validated by GenerationConfig (none if no file)."""
-    config = GenerationConfig.from_pretrained(folder)
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
-    given = json.loads(path.read_text(encoding="utf-8"))  # already checked by from_pretrained
-    return {k: v for k, v in config.to_kwargs().items() if given.get(k) is not None}

@@ -70,6 +70,19 @@ def test_bench_verb_on_a_tiny_model(tmp_path, capsys, paired):
         assert row["engine"] == "ours" and row["tokens_per_s"] > 0 and row["peak_rss_gb"] > 0
 
 
+def test_bench_loads_ours_with_the_kernels_asked_for(tmp_path, capfd):
+    """--kernels reaches pyjamba's engine (its rows name the kernels); --verbose says what was chosen."""
+    argv = ["bench", "--model-preset", "jamba-tiny", "--lengths", "16", "--batches", "1", "--decode-prompt"]
+    argv += ["8", "--decode-steps", "2", "--repeats", "1", "--variants", "hybrid", "--engines", "ours"]
+    argv += ["--no-machine", "--checkpoint-dir", str(tmp_path), "--kernels", "torch", "--verbose"]
+    assert pyjamba_main([*argv, "--dtype", "float32"]) == 0
+    out, err = capfd.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    measured = [row for row in rows if row.get("bench") in ("load", "prefill", "decode")]
+    assert len(measured) == 3 and all(row["kernels"] == "torch" for row in measured)
+    assert "pyjamba bench: kernels torch (asked for), dtype float32 (asked for), " in err
+
+
 @pytest.mark.slow
 def test_bench_verb_compares_with_transformers(tmp_path, capsys):
     pytest.importorskip("transformers")

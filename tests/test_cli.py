@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from pyjamba.pipeline import _split_at_stop, load
+from pyjamba.pipeline import _split_at_stop
+from pyjamba.runtime import load
 from pyjamba.testing import tiny_model_folder
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pyjamba.pipeline import SHIPPED_MODEL, load
+from pyjamba.runtime import SHIPPED_MODEL, load
 from pyjamba.testing import tiny_model_folder
 
 openai = pytest.importorskip("openai")

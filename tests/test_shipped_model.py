@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from pyjamba.config import JambaConfig
-from pyjamba.pipeline import SHIPPED_MODEL, load
+from pyjamba.runtime import SHIPPED_MODEL, load
 
 
 def test_it_is_a_small_hybrid_with_its_card_and_tokenizer():

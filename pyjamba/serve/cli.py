@@ -18,16 +18,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
-import torch
-
+from .. import runtime
 from ..checkpoint import CheckpointError
-from ..cli import DTYPE_CHOICES, add_weight_options
-from ..config import ConfigError, JambaConfig
-from ..generate import GenerationConfig
-from ..hugepages import move_to_huge_pages
-from ..model import JambaForCausalLM
-from ..pipeline import ModelNotFoundError, resolve_model
-from ..tokenizer import Tokenizer, TokenizerError
+from ..cli import add_weight_options, print_choices
+from ..config import ConfigError
+from ..runtime import ModelNotFoundError
+from ..tokenizer import TokenizerError
 from .app import Backend, ServerState, Settings, create_app
 from .engine import Engine
 
@@ -78,27 +74,26 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-body-mib must be positive, got {args.max_body_mib}")
 
 
-def _backend(folder: Path, tokenizer: Tokenizer, config: JambaConfig, args: argparse.Namespace) -> Backend:
-    """Load the weights and start nothing yet (the app starts the engine): runs in a background thread."""
-    model = JambaForCausalLM.from_pretrained(folder, dtype=DTYPE_CHOICES[args.dtype])
-    move_to_huge_pages(model)  # decoding streams the weights ~10% faster from huge pages
+def _backend(folder: Path, args: argparse.Namespace) -> Backend:
+    """Load the model (`runtime.load`: weights in huge pages, tokenizer, generation defaults, stop
+    tokens) and start nothing yet (the app starts the engine): runs in a background thread."""
+    loaded = runtime.load(folder, dtype=args.dtype, kernels=args.kernels, threads=args.threads)
+    if args.verbose or args.log_level in ("debug", "info"):
+        print_choices("pyjamba serve", loaded.choices)
     engine = Engine(
-        model,
+        loaded.model,
         slots=args.slots,
         prefill_chunk=args.prefill_chunk,
         max_queue=args.max_queue,
         max_context=args.max_context,
     )
-    generation = GenerationConfig.from_pretrained(folder)
-    given = {k: getattr(generation, k) for k in _SAMPLING_DEFAULTS}
-    defaults = {k: v for k, v in given.items() if v != getattr(GenerationConfig, k)}
-    eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
-    if generation.eos_token_id is not None:
-        extra = generation.eos_token_id
-        eos |= {extra} if isinstance(extra, int) else set(extra)
+    # A request's sampling settings default to those generation_config.json sets.
+    defaults = {k: v for k, v in loaded.defaults.items() if k in _SAMPLING_DEFAULTS}
     name = args.served_model_name or folder.name
     logger.info("serving %s from %s", name, folder)
-    return Backend(engine, tokenizer, name, defaults=defaults, stop_tokens=frozenset(eos))
+    return Backend(
+        engine, loaded.tokenizer, name, defaults=defaults, stop_tokens=frozenset(loaded.eos_token_ids)
+    )
 
 
 def _server_class():
@@ -138,17 +133,11 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         _check(args)
-        folder = resolve_model(args.model)
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder}: no config.json (a model folder holds config.json and weights)")
-        config = JambaConfig.from_pretrained(folder)
-        tokenizer = Tokenizer.from_pretrained(folder)
-        GenerationConfig.from_pretrained(folder)  # a broken generation_config.json fails here, not later
+        # config.json, the tokenizer, generation_config.json, the kernels: all but the weights
+        folder = runtime.check(args.model, dtype=args.dtype, kernels=args.kernels, threads=args.threads)
     except (ModelNotFoundError, CheckpointError, ConfigError, TokenizerError, ValueError) as exc:
         print(f"pyjamba serve: error: {exc}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
 
     import uvicorn
 
@@ -156,7 +145,7 @@ def main(argv: list[str]) -> int:
     settings = Settings(
         api_key=args.api_key, cors_origins=origins, max_body_bytes=int(args.max_body_mib * 2**20)
     )
-    app = create_app(lambda: _backend(folder, tokenizer, config, args), settings)
+    app = create_app(lambda: _backend(folder, args), settings)
     state: ServerState = app.state.server
     uv_config = uvicorn.Config(
         app,

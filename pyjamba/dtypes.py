@@ -1,0 +1,174 @@
+"""The weights' dtype: the one parser of dtype names and the one "auto" policy.
+
+Every command line (`--dtype`), `runtime.load`, `from_pretrained` and `save_pretrained` read a dtype
+through `parse_dtype`; `resolve_dtype` turns what was asked for into the dtype to load and says why.
+
+    auto      the fastest for the model on this machine (`auto_dtype`)
+    stored    each tensor as the checkpoint holds it (None in Python)
+    float32, bfloat16, float16 (and float64, or a torch.dtype)   that dtype
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from .config import JambaConfig
+
+__all__ = [
+    "DTYPE_CHOICES",
+    "auto_dtype",
+    "cpu_has_native_bf16",
+    "dtype_name",
+    "parse_dtype",
+    "resolve_dtype",
+]
+
+# What a command line offers for --dtype.
+DTYPE_CHOICES = ("auto", "stored", "float32", "bfloat16", "float16")
+_NAMES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+    # torch's own aliases, as `getattr(torch, name)` has always accepted them here
+    "float": torch.float32,
+    "half": torch.float16,
+    "double": torch.float64,
+}
+
+
+def parse_dtype(
+    value: torch.dtype | str | None, *, allow_auto: bool = True
+) -> torch.dtype | Literal["auto"] | None:
+    """A dtype as given in Python or on a command line: a floating-point torch.dtype, None for "stored",
+    or "auto" (where `allow_auto`). Names may carry torch's prefix ("torch.bfloat16").
+
+    Raises ValueError naming what was given and what is accepted.
+    """
+    if value is None or isinstance(value, torch.dtype):
+        if value is not None and not value.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {value}")
+        return value
+    if isinstance(value, str):
+        name = value.strip().removeprefix("torch.")
+        if name == "auto" and allow_auto:
+            return "auto"
+        if name == "stored":
+            return None
+        if name in _NAMES:
+            return _NAMES[name]
+    accepted = ", ".join(c for c in DTYPE_CHOICES if allow_auto or c != "auto")
+    raise ValueError(
+        f"dtype must be one of {accepted}, float64 or a floating-point torch.dtype, got {value!r}"
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32."""
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_dtype(
+    value: torch.dtype | str | None,
+    config: JambaConfig,
+    device: torch.device | str = "cpu",
+    *,
+    native_bf16: bool | None = None,
+    available_bytes: int | None = None,
+) -> tuple[torch.dtype | None, str]:
+    """(the dtype to load `config`'s weights in, None for as stored; why) for what was asked for.
+
+    native_bf16 and available_bytes override what is read from this machine (for tests).
+    """
+    parsed = parse_dtype(value)
+    if parsed == "auto":
+        return _auto(config, device, native_bf16=native_bf16, available_bytes=available_bytes)
+    if parsed is None:
+        return None, "stored: each tensor as the checkpoint holds it"
+    return parsed, "asked for"
+
+
+def auto_dtype(
+    config: JambaConfig,
+    device: torch.device | str = "cpu",
+    *,
+    native_bf16: bool | None = None,
+    available_bytes: int | None = None,
+) -> torch.dtype:
+    """The weights' dtype that runs `config` fastest on `device`: what `dtype="auto"` resolves to.
+
+    - Not a CPU: bfloat16 (accelerators multiply it at float32's rate or faster).
+    - A CPU with native bfloat16 matmuls (`cpu_has_native_bf16`): bfloat16, half the bytes to read.
+    - Any other CPU: float32. There torch's bfloat16 GEMM is a scalar loop (1.7 GFLOP/s against 81
+      in float32 on the 2-core AVX2 EPYC of docs/benchmarks.md), so `model.linear` multiplies all but
+      the smallest batches in float32 anyway, converting the weight on every call. Measured there
+      (jamba-small, paired runs): bfloat16 prefill 7% slower, decoding one sequence 17% faster (half
+      the bytes), four sequences 1.6x and eight 2x slower; and bfloat16 weights lose precision.
+      Unless float32 weights would take more than 80% of the available memory (MemAvailable, or
+      `available_bytes`) while bfloat16 ones would not: then bfloat16, which at least fits.
+
+    native_bf16 and available_bytes override what is read from this machine (for tests).
+    `resolve_dtype("auto", ...)` gives the same dtype with the reason.
+    """
+    return _auto(config, device, native_bf16=native_bf16, available_bytes=available_bytes)[0]
+
+
+def _auto(
+    config: JambaConfig,
+    device: torch.device | str,
+    *,
+    native_bf16: bool | None,
+    available_bytes: int | None,
+) -> tuple[torch.dtype, str]:
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.bfloat16, f"auto: {device.type} multiplies bfloat16 at float32's rate or faster"
+    if native_bf16 is None:
+        native_bf16 = cpu_has_native_bf16()
+    if native_bf16:
+        return torch.bfloat16, "auto: this CPU has native bfloat16 matmul"
+    if available_bytes is None:
+        available_bytes = _available_memory()
+    if available_bytes is not None:
+        from .accounting import total_params
+
+        params = total_params(config)
+        budget = 0.8 * available_bytes
+        if 4 * params > budget and 2 * params <= budget:
+            return torch.bfloat16, (
+                f"auto: float32 weights ({4 * params / 1e9:.1f} GB) would not fit in 80% of the available "
+                f"memory ({available_bytes / 1e9:.1f} GB), bfloat16 ones do"
+            )
+    return torch.float32, "auto: this CPU has no native bfloat16 matmul"
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 natively: AVX512-BF16 or AMX-BF16 (x86), BF16 (Arm).
+
+    Read from the flags of /proc/cpuinfo (or the text given); False where there is none to read.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return bool(set(line.partition(":")[2].split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
