@@ -6,6 +6,7 @@ a model runs exactly the backend it was built with."""
 from __future__ import annotations
 
 import copy
+import importlib
 import sys
 
 import pytest
@@ -177,3 +178,20 @@ def test_a_model_runs_only_the_backend_it_was_built_with(kernels):
     model = random_model(config, kernels=kernels)
     assert model.kernels.name == kernels
     assert _numba_frames(lambda: model.generate(prompt, max_new_tokens=3)) == []
+
+
+@pytest.mark.skipif(not NUMBA, reason="numba is not installed")
+def test_a_slow_compilation_says_so_on_stderr(monkeypatch, capsys):
+    """A newcomer's first run compiles for a minute: it must not sit there without a word."""
+    import time
+
+    backend = importlib.import_module("pyjamba.kernels.numba")
+    monkeypatch.setattr(backend, "_NOTICE_AFTER_S", 0.05)
+    with backend._notice("compiling the numba CPU kernels"):
+        time.sleep(0.3)
+    err = capsys.readouterr().err
+    assert "pyjamba: compiling the numba CPU kernels (the first run on this machine" in err
+    assert "pyjamba: done in" in err
+    with backend._notice("compiling the numba CPU kernels"):
+        pass  # fast (numba's cache): silent
+    assert capsys.readouterr().err == ""
