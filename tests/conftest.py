@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,38 @@ def needs_exchange(tmp_path) -> None:
     """Skip where this system or file system has no atomic exchange of two paths."""
     if not _exchange_works(tmp_path):
         pytest.skip("no renameat2(RENAME_EXCHANGE) on this system or file system")
+
+
+# Kills the process (SIGKILL: no handler runs) at one step of replacing a folder, then runs `body`.
+_KILL_AT = """
+import os, signal, sys
+from pathlib import Path
+from pyjamba import folders
+
+step, folder = sys.argv[1], Path(sys.argv[2])
+
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if step == "between the two renames":
+    folders._exchange = lambda a, b: False
+    rename = os.rename
+    def rename_then_die(src, dst):
+        rename(src, dst)
+        if ".old-" in os.fspath(dst):
+            die()
+    os.rename = rename_then_die
+else:  # after the exchange, before the previous version is deleted
+    folders._remove_previous = die
+"""
+
+
+def kill_while_replacing(folder: Path, step: str, body: str, *args: str) -> None:
+    """Run `body` (Python, with `folder` and `sys.argv[3:]` = args) in a process that is killed at
+    `step` ("between the two renames" or "after the exchange") of replacing `folder`."""
+    script = _KILL_AT + body
+    command = [sys.executable, "-c", script, step, str(folder), *args]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr

@@ -6,9 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -17,6 +14,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import kill_while_replacing
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -468,35 +466,12 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     from_pretrained(folder)
 
 
-# A save killed with SIGKILL (no handler runs) at one step of replacing the folder.
-_KILLED_SAVE = """
-import json, os, signal, sys
-from pyjamba import checkpoint, folders
-from pyjamba.testing import random_model
-
-folder, arch, step = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-
-def die(*args):
-    os.kill(os.getpid(), signal.SIGKILL)
-
-if step == "between the two renames":
-    folders._exchange = lambda a, b: False
-    rename = os.rename
-    def rename_then_die(src, dst):
-        rename(src, dst)
-        if ".old-" in os.fspath(dst):
-            die()
-    os.rename = rename_then_die
-else:  # after the exchange, before the previous version is deleted
-    folders._remove_previous = die
-checkpoint.save_pretrained(random_model(arch, seed=2), folder)
-"""
-
-
 def _killed_save(folder: Path, step: str) -> None:
-    args = [sys.executable, "-c", _KILLED_SAVE, str(folder), json.dumps(ARCHS["moe"]), step]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert result.returncode == -signal.SIGKILL, result.stderr
+    body = (
+        "import json\nfrom pyjamba import checkpoint\nfrom pyjamba.testing import random_model\n"
+        "checkpoint.save_pretrained(random_model(json.loads(sys.argv[3]), seed=2), folder)\n"
+    )
+    kill_while_replacing(folder, step, body, json.dumps(ARCHS["moe"]))
 
 
 def _others(where: Path) -> list[str]:

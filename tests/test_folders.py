@@ -5,14 +5,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_while_replacing
 
 from pyjamba import folders
 from pyjamba.folders import recover_folder, replace_folder, replacement
@@ -111,36 +109,9 @@ def test_the_folder_gets_ordinary_permissions(tmp_path, umask):
         os.umask(old)
 
 
-# A replacement killed with SIGKILL (no handler runs) at one step of replacing the folder.
-_KILLED = """
-import os, signal, sys
-from pathlib import Path
-from pyjamba import folders
-
-folder, step = Path(sys.argv[1]), sys.argv[2]
-
-def die(*args):
-    os.kill(os.getpid(), signal.SIGKILL)
-
-if step == "between the two renames":
-    folders._exchange = lambda a, b: False
-    rename = os.rename
-    def rename_then_die(src, dst):
-        rename(src, dst)
-        if ".old-" in os.fspath(dst):
-            die()
-    os.rename = rename_then_die
-else:  # after the exchange, before the previous version is deleted
-    folders._remove_previous = die
-with folders.replacement(folder) as tmp:
-    (tmp / "a").write_text("2")
-"""
-
-
 def _killed(folder: Path, step: str) -> None:
-    args = [sys.executable, "-c", _KILLED, str(folder), step]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
-    assert result.returncode == -signal.SIGKILL, result.stderr
+    body = "with folders.replacement(folder) as tmp:\n    (tmp / 'a').write_text('2')\n"
+    kill_while_replacing(folder, step, body)
 
 
 def test_kill_between_the_two_renames_is_recovered(tmp_path, caplog):
