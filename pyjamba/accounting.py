@@ -1,8 +1,9 @@
 """Parameter and memory accounting of a JambaConfig: pure arithmetic, no model is built.
 
 Owns: parameter counts (total, active per token, per component), the attention KV cache and the
-Mamba state per sequence, memory at a context length, and the papers' attention-cache table
-(Jamba and the pure Transformers it is compared with). Everything here is a function of the
+Mamba state per sequence, memory at a context length, weight bytes per precision (float32,
+bfloat16, ExpertsInt8, int8) and the largest context that fits a memory budget, and the papers'
+attention-cache table (Jamba and the pure Transformers it is compared with). Everything here is a function of the
 config alone, so a 398B configuration is counted as quickly as a tiny one.
 
 The parameters counted are exactly those of transformers' `JambaForCausalLM` (its
@@ -22,6 +23,17 @@ Active parameters per token count every parameter a token's forward pass touches
 row lookup is counted as the whole embedding matrix (the papers' convention, as for Mixtral's
 12.9B of 46.7B), and on MoE layers only K of the E experts (the router counts in full). This
 reproduces the papers: Jamba v0.1 ~52B total / ~12B active, Jamba 1.5 Large ~398B / ~94B.
+
+Weight bytes per precision (`weight_bytes`, `weight_breakdown`):
+
+    float32          4 bytes per parameter
+    bfloat16         2 bytes per parameter
+    experts-int8     ExpertsInt8 (Jamba 1.5 paper, vLLM's `experts_int8`): the weight matrices of the
+                     MoE experts and of the dense MLPs in int8, symmetric per output channel, with one
+                     float32 scale per output row (4 x out_features bytes per matrix); all else bfloat16
+    int8             every linear layer's weight matrix in int8 with float32 per-row scales: attention
+                     q/k/v/o, Mamba in/x/dt/out projections, MLPs, experts, router. The embedding, the
+                     lm_head, norms, conv1d, A_log, D and all biases stay bfloat16
 """
 
 from __future__ import annotations
@@ -33,10 +45,13 @@ from pyjamba.config import JambaConfig
 __all__ = [
     "DTYPE_BYTES",
     "PAPER_CONTEXT",
+    "PRECISIONS",
+    "BudgetFit",
     "KVModel",
     "Memory",
     "active_breakdown",
     "active_params",
+    "budget_fit",
     "jamba_kv_model",
     "kv_cache_bytes",
     "kv_cache_bytes_per_token",
@@ -45,6 +60,8 @@ __all__ = [
     "paper_kv_table",
     "param_breakdown",
     "total_params",
+    "weight_breakdown",
+    "weight_bytes",
 ]
 
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -160,6 +177,121 @@ def memory_at_context(c: JambaConfig, context: int, bytes_per_element: int = 2) 
         kv_cache=kv_cache_bytes(c, context, bytes_per_element),
         mamba_state=mamba_state_bytes(c, bytes_per_element),
     )
+
+
+# ---- weights per precision ------------------------------------------------------------------------
+PRECISIONS = ("float32", "bfloat16", "experts-int8", "int8")
+INT8_SCALE_BYTES = 4  # one float32 scale per output row of an int8 matrix
+# The components whose linear weight matrices each int8 format stores in int8 (the rest: bfloat16).
+INT8_COMPONENTS: dict[str, frozenset[str]] = {
+    "experts-int8": frozenset({"mlp", "experts"}),
+    "int8": frozenset({"attention", "mamba", "mlp", "experts", "router"}),
+}
+
+
+def _linear_weights(c: JambaConfig) -> dict[str, tuple[int, int]]:
+    """Per component, (elements, output rows) of its linear layers' weight matrices, biases excluded.
+
+    Attention: q, k, v, o. Mamba: in_proj, x_proj, dt_proj, out_proj (not conv1d, A_log, D, norms).
+    MLP and each expert: gate, up (I rows each), down (D rows). Router: E x D.
+    """
+    d, i = c.hidden_size, c.intermediate_size
+    q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    ed, r, n = c.mamba_inner, c.dt_rank, c.mamba_d_state
+    attention = (_attention_params(c), q_out + 2 * kv_out + d)
+    mamba = (d * 2 * ed + ed * (r + 2 * n) + r * ed + ed * d, 2 * ed + (r + 2 * n) + ed + d)
+    mlp = (3 * d * i, 2 * i + d)
+    out = dict.fromkeys(COMPONENTS, (0, 0))
+
+    def add(key: str, elements: int, rows: int) -> None:
+        out[key] = (out[key][0] + elements, out[key][1] + rows)
+
+    for layer, kind in enumerate(c.layer_types):
+        add(*(("attention", *attention) if kind == "attention" else ("mamba", *mamba)))
+        if c.is_moe_layer(layer):
+            add("experts", c.num_experts * mlp[0], c.num_experts * mlp[1])
+            add("router", c.num_experts * d, c.num_experts)
+        else:
+            add("mlp", *mlp)
+    return out
+
+
+def weight_breakdown(c: JambaConfig, precision: str) -> dict[str, int]:
+    """Bytes of the weights per component (the keys of param_breakdown) in one of PRECISIONS.
+
+    In the int8 formats a quantized matrix of out x in costs out x in bytes plus 4 x out bytes of
+    float32 scales; every other parameter of the component costs 2 bytes (bfloat16).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    params = param_breakdown(c)
+    if precision in DTYPE_BYTES:
+        return {key: n * DTYPE_BYTES[precision] for key, n in params.items()}
+    quantized, linear = INT8_COMPONENTS[precision], _linear_weights(c)
+    out = {}
+    for key, n in params.items():
+        elements, rows = linear[key] if key in quantized else (0, 0)
+        out[key] = 2 * (n - elements) + elements + INT8_SCALE_BYTES * rows
+    return out
+
+
+def weight_bytes(c: JambaConfig, precision: str) -> int:
+    """Bytes of all the weights in one of PRECISIONS (a tied lm_head counted once)."""
+    return sum(weight_breakdown(c, precision).values())
+
+
+# ---- what fits a memory budget -----------------------------------------------------------------------
+KV_BYTES = 2  # the budget's attention KV cache and Mamba conv state are bfloat16 whatever the weights
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """One sequence (batch 1) on `budget` bytes with the weights in `precision`.
+
+    `max_context`: the most tokens whose attention KV cache (bfloat16) fits what the weights and the
+    Mamba state leave, capped at max_position_embeddings; 0 when not even one token fits.
+    """
+
+    precision: str
+    budget: int
+    weights: int
+    mamba_state: int
+    kv_bytes_per_token: int
+    max_context: int
+    max_position_embeddings: int
+
+    @property
+    def weights_fit(self) -> bool:
+        return self.weights <= self.budget
+
+    @property
+    def capped(self) -> bool:
+        """Whether the context is the model's maximum (the memory would hold more)."""
+        return self.max_context == self.max_position_embeddings
+
+    @property
+    def free_at_max_context(self) -> int:
+        """Bytes left over at max_context (negative: over budget, when nothing fits)."""
+        return self.budget - self.weights - self.mamba_state - self.max_context * self.kv_bytes_per_token
+
+
+def budget_fit(c: JambaConfig, precision: str, budget: int) -> BudgetFit:
+    """The largest context of one sequence that fits `budget` bytes: weights in `precision`, the
+    Mamba state (conv state bfloat16, SSM state float32) and the attention KV cache in bfloat16.
+    Activations, workspace, the CUDA context and the framework's own memory are not counted."""
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0 bytes, got {budget}")
+    weights = weight_bytes(c, precision)
+    state = mamba_state_bytes(c, KV_BYTES)
+    per_token = kv_cache_bytes_per_token(c, KV_BYTES)
+    free = budget - weights - state
+    if free < 0:
+        context = 0
+    elif per_token == 0:  # no attention layers: the length costs no memory
+        context = c.max_position_embeddings
+    else:
+        context = min(free // per_token, c.max_position_embeddings)
+    return BudgetFit(precision, budget, weights, state, per_token, context, c.max_position_embeddings)
 
 
 # ---- the papers' attention-cache table -----------------------------------------------------------

@@ -1,4 +1,6 @@
-"""`pyjamba info PRESET|DIR`: parameters, attention-cache and Mamba-state memory of a Jamba config.
+"""`pyjamba info PRESET|DIR`: parameters, attention-cache and Mamba-state memory of a Jamba config,
+weight bytes per precision, and with `--budget SIZE [--gpus N]` the largest context each precision
+leaves room for.
 
 Owns the command line and its report; the arithmetic is `pyjamba.accounting`. The report is built
 once as a plain dict (what `--json` prints) and rendered to text by small formatting functions.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 from pyjamba import accounting as acc
 from pyjamba.config import PRESETS, ConfigError, JambaConfig
 
-__all__ = ["build_report", "format_report", "load_config", "main"]
+__all__ = ["build_report", "format_report", "load_config", "main", "parse_size"]
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -43,6 +46,36 @@ def _tokens(text: str) -> int:
     return value
 
 
+SIZE_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '80 GiB', '640GB', '1.5TiB', '85899345920' (bytes) -> bytes; the unit's case is free.
+
+    GB/TB are decimal (10^9), GiB/TiB binary (2^30). Raises ValueError with a one-line message.
+    """
+    match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or (unit and unit not in SIZE_UNITS):
+        raise ValueError(
+            f"not a memory size: {text!r} (expected e.g. 80GiB, 640GB, 1.5TiB or a number of bytes)"
+        )
+    value = int(float(match.group(1).replace("_", "")) * SIZE_UNITS[unit or "b"])
+    if value <= 0:
+        raise ValueError(f"the memory size must be positive, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pyjamba info",
@@ -55,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=sorted(acc.DTYPE_BYTES), default="bfloat16", help="weights and KV")
     p.add_argument("--compare", action="store_true", help="add the papers' attention-cache table")
+    p.add_argument(
+        "--budget",
+        metavar="SIZE",
+        help="memory per GPU, e.g. 80GiB or 640GB: per precision, whether the weights fit and the "
+        "largest context (batch 1, KV cache bfloat16) that fits",
+    )
+    p.add_argument("--gpus", metavar="N", help="GPUs of --budget each, their memory pooled (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -87,8 +127,49 @@ def _kv_row(m: acc.KVModel, context: int, nbytes: int) -> dict[str, Any]:
     }
 
 
-def build_report(c: JambaConfig, name: str, context: int, dtype: str, compare: bool) -> dict[str, Any]:
-    """Everything `info` says about a config, as a JSON-ready dict (bytes and counts are exact ints)."""
+def _precisions(c: JambaConfig) -> dict[str, Any]:
+    return {
+        p: {"total": acc.weight_bytes(c, p), "breakdown": acc.weight_breakdown(c, p)} for p in acc.PRECISIONS
+    }
+
+
+def _budget(c: JambaConfig, per_gpu: int, gpus: int) -> dict[str, Any]:
+    fits = {p: acc.budget_fit(c, p, per_gpu * gpus) for p in acc.PRECISIONS}
+    first = next(iter(fits.values()))
+    return {
+        "bytes_per_gpu": per_gpu,
+        "gpus": gpus,
+        "total": per_gpu * gpus,
+        "batch": 1,
+        "kv_dtype": "bfloat16",
+        "kv_cache_bytes_per_token": first.kv_bytes_per_token,
+        "mamba_state_bytes": first.mamba_state,
+        "max_position_embeddings": c.max_position_embeddings,
+        "precisions": {
+            p: {
+                "weights": f.weights,
+                "weights_fit": f.weights_fit,
+                "max_context": f.max_context,
+                "capped": f.capped,
+                "free_at_max_context": f.free_at_max_context,
+            }
+            for p, f in fits.items()
+        },
+    }
+
+
+def build_report(
+    c: JambaConfig,
+    name: str,
+    context: int,
+    dtype: str,
+    compare: bool,
+    budget: int | None = None,
+    gpus: int = 1,
+) -> dict[str, Any]:
+    """Everything `info` says about a config, as a JSON-ready dict (bytes and counts are exact ints).
+
+    `budget`: bytes per GPU, of `gpus` GPUs (None: no budget section)."""
     nbytes = acc.DTYPE_BYTES[dtype]
     mem = acc.memory_at_context(c, context, nbytes)
     report: dict[str, Any] = {
@@ -112,7 +193,10 @@ def build_report(c: JambaConfig, name: str, context: int, dtype: str, compare: b
             "mamba_state": mem.mamba_state,
             "total": mem.total,
         },
+        "weights_by_precision": _precisions(c),
     }
+    if budget is not None:
+        report["budget"] = _budget(c, budget, gpus)
     if compare:
         rows = [acc.jamba_kv_model(f"{name} (this config)", c), *acc.paper_kv_table()]
         report["compare"] = [_kv_row(m, context, nbytes) for m in rows]
@@ -174,6 +258,36 @@ def _memory_lines(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _precision_lines(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "weights by precision (experts-int8: MLPs and experts in int8; int8: every linear layer but the",
+        "  lm_head; each int8 matrix with one float32 scale per output row; the rest bfloat16):",
+    ]
+    lines += [f"  {p:<13} {fmt_bytes(w['total']):>12}" for p, w in r["weights_by_precision"].items()]
+    return lines
+
+
+def _budget_lines(b: dict[str, Any]) -> list[str]:
+    gpus = f"{b['gpus']} x {fmt_bytes(b['bytes_per_gpu'])} = " if b["gpus"] > 1 else ""
+    lines = [
+        f"budget {gpus}{fmt_bytes(b['total'])}, batch 1: weights + Mamba state "
+        f"{fmt_bytes(b['mamba_state_bytes'])} + KV cache {fmt_bytes(b['kv_cache_bytes_per_token'])} per token",
+        "  (KV bfloat16; not counted: activations, workspace, CUDA context, framework overhead)",
+        f"  {'precision':<13} {'weights':>12}  {'fits':<4}  largest context",
+    ]
+    for p, f in b["precisions"].items():
+        if not f["weights_fit"]:
+            fits, ctx = "no", "none (the weights alone exceed the budget)"
+        elif f["max_context"] == 0:
+            fits, ctx = "yes", "none (no room for the Mamba state and one token)"
+        else:
+            fits = "yes"
+            capped = " (the model's maximum)" if f["capped"] else ""
+            ctx = f"{f['max_context']:,} tokens{capped}, {fmt_bytes(f['free_at_max_context'])} left"
+        lines.append(f"  {p:<13} {fmt_bytes(f['weights']):>12}  {fits:<4}  {ctx}")
+    return lines
+
+
 def _compare_lines(r: dict[str, Any]) -> list[str]:
     ctx, dtype = r["memory"]["context"], r["dtype"]
     lines = [
@@ -197,12 +311,25 @@ def _compare_lines(r: dict[str, Any]) -> list[str]:
 def format_report(r: dict[str, Any]) -> str:
     """The readable report."""
     lines = [r["model"], _layers_line(r["layers"]), *_params_lines(r["params"]), *_memory_lines(r)]
+    lines += _precision_lines(r)
+    if "budget" in r:
+        lines += _budget_lines(r["budget"])
     if "compare" in r:
         lines += ["", *_compare_lines(r)]
     return "\n".join(lines)
 
 
 # ---- entry point ------------------------------------------------------------------------------------
+def _gpus(text: str | None, budget: int | None) -> int:
+    if text is None:
+        return 1
+    if budget is None:
+        raise ValueError("--gpus needs --budget (the memory of each GPU)")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"--gpus must be a positive whole number, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str]) -> int:
     """`pyjamba info`: 0 on success, 2 on a usage error or a config that cannot be read."""
     try:
@@ -214,7 +341,13 @@ def main(argv: list[str]) -> int:
     except (ConfigError, OSError) as exc:
         print(f"pyjamba info: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        budget = None if args.budget is None else parse_size(args.budget)
+        gpus = _gpus(args.gpus, budget)
+    except ValueError as exc:
+        print(f"pyjamba info: error: {exc}", file=sys.stderr)
+        return 2
     context = args.context or config.max_position_embeddings
-    report = build_report(config, args.model, context, args.dtype, args.compare)
+    report = build_report(config, args.model, context, args.dtype, args.compare, budget, gpus)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

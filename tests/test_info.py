@@ -177,3 +177,155 @@ def test_cli_errors(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _error([str(tmp_path)], capsys)
     assert "hidden_size" in err and len(err.splitlines()) == 1
     assert "--context" in _error(["jamba-v0.1", "--context", "0"], capsys)
+
+
+# ---- weight bytes per precision --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["jamba-tiny", "jamba-v0.1", "jamba-1.5-large", "jamba2-3b", "jamba-small"])
+def test_weight_bytes_float_formats(name: str) -> None:
+    c = preset(name)
+    assert acc.weight_bytes(c, "float32") == 4 * acc.total_params(c)
+    assert acc.weight_bytes(c, "bfloat16") == 2 * acc.total_params(c)
+    assert acc.weight_breakdown(c, "bfloat16") == {k: 2 * n for k, n in acc.param_breakdown(c).items()}
+
+
+def test_weight_bytes_int8_by_hand() -> None:
+    # jamba-tiny: D 64, I 128, V 512 untied; layers mamba, mamba+MoE, attention, mamba+MoE; 4 experts;
+    # 4 heads of 16, 2 kv heads; Mamba ED 128, N 8, R 4, W 4, conv bias, no proj bias.
+    c = preset("jamba-tiny")
+    bf16 = acc.weight_breakdown(c, "bfloat16")
+    mlp = 3 * 64 * 128 + 4 * (128 + 128 + 64)  # gate, up, down in int8 + a float32 scale per output row
+    assert mlp == 25856
+    ei8 = acc.weight_breakdown(c, "experts-int8")
+    assert ei8["mlp"] == 2 * mlp  # layers 0 and 2
+    assert ei8["experts"] == 2 * 4 * mlp  # layers 1 and 3, 4 experts each
+    assert {k: v for k, v in ei8.items() if k not in ("mlp", "experts")} == {
+        k: v for k, v in bf16.items() if k not in ("mlp", "experts")
+    }
+    assert acc.weight_bytes(c, "experts-int8") == 593_912
+
+    i8 = acc.weight_breakdown(c, "int8")
+    # q (64 -> 64), k, v (64 -> 32), o (64 -> 64): int8 plus 4 bytes per output row
+    assert i8["attention"] == (64 * 64 + 2 * 64 * 32 + 64 * 64) + 4 * (64 + 32 + 32 + 64)
+    # in_proj 64 -> 256, x_proj 128 -> 4 + 2*8, dt_proj 4 -> 128, out_proj 128 -> 64 in int8 with scales;
+    # conv1d (128 x 4 + bias 128), dt_proj bias (128), A_log (128 x 8), D (128) in bfloat16
+    linear = 64 * 256 + 128 * 20 + 4 * 128 + 128 * 64 + 4 * (256 + 20 + 128 + 64)
+    other = 2 * (128 * 4 + 128 + 128 + 128 * 8 + 128)
+    assert i8["mamba"] == 3 * (linear + other) == 100_080
+    assert i8["router"] == 2 * (4 * 64 + 4 * 4)  # 4 x 64 per MoE layer, 4 rows
+    assert i8["mlp"] == ei8["mlp"] and i8["experts"] == ei8["experts"]
+    for key in ("embedding", "head", "norms"):  # stay bfloat16, the head included
+        assert i8[key] == bf16[key]
+    assert acc.weight_bytes(c, "int8") == 504_584 == sum(i8.values())
+
+
+def test_weight_bytes_tied_and_proj_bias() -> None:
+    c = preset("jamba-tiny").replace(tie_word_embeddings=True, mamba_proj_bias=True)
+    i8, bf16 = acc.weight_breakdown(c, "int8"), acc.weight_breakdown(c, "bfloat16")
+    assert i8["head"] == 0
+    # the in_proj/out_proj biases (256 + 64 per layer) stay bfloat16: 2 bytes more each than without
+    assert i8["mamba"] - acc.weight_breakdown(preset("jamba-tiny"), "int8")["mamba"] == 3 * 2 * (256 + 64)
+    assert bf16["head"] == 0
+
+
+def test_weight_bytes_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="float16"):
+        acc.weight_bytes(preset("jamba-tiny"), "float16")
+
+
+def test_experts_int8_covers_most_parameters() -> None:
+    for name in ("jamba-1.5-mini", "jamba-1.5-large"):  # "over 85% of the parameters"
+        b = acc.param_breakdown(preset(name))
+        assert (b["mlp"] + b["experts"]) / sum(b.values()) > 0.85
+
+
+# ---- what fits a budget ------------------------------------------------------------------------------------
+def test_budget_arithmetic() -> None:
+    c = preset("jamba-tiny")  # 1 attention layer, 2 kv heads of 16: 128 bytes per token; 4096 max
+    w = acc.weight_bytes(c, "experts-int8")
+    state = 3 * (128 * 3 * 2 + 128 * 8 * 4)  # 3 Mamba layers: conv bf16 + SSM float32
+    assert acc.budget_fit(c, "experts-int8", 10**9).mamba_state == state
+    below = acc.budget_fit(c, "experts-int8", w - 1)
+    assert not below.weights_fit and below.max_context == 0
+    just = acc.budget_fit(c, "experts-int8", w)
+    assert just.weights_fit and just.max_context == 0  # the Mamba state does not fit
+    assert acc.budget_fit(c, "experts-int8", w + state + 127).max_context == 0
+    ten = acc.budget_fit(c, "experts-int8", w + state + 10 * 128 + 127)
+    assert ten.max_context == 10 and not ten.capped and ten.free_at_max_context == 127
+    cap = acc.budget_fit(c, "experts-int8", w + state + 4096 * 128 + 10**6)
+    assert cap.max_context == 4096 and cap.capped  # max_position_embeddings
+    assert acc.budget_fit(c, "experts-int8", w + state + 4095 * 128).max_context == 4095
+    no_attn = c.replace(attn_layer_period=8, attn_layer_offset=5)  # pure Mamba: length is free
+    fit = acc.budget_fit(no_attn, "bfloat16", acc.weight_bytes(no_attn, "bfloat16") + 4 * state)
+    assert fit.kv_bytes_per_token == 0 and fit.max_context == 4096
+    with pytest.raises(ValueError):
+        acc.budget_fit(c, "int8", -1)
+
+
+def test_budget_papers_claims() -> None:
+    gpu = 80 * GIB
+    large, mini = preset("jamba-1.5-large"), preset("jamba-1.5-mini")
+    # "ExpertsInt8 ... allows fitting Jamba-1.5-Large on a machine with 8 80GB GPUs ... 256K-token contexts"
+    assert acc.budget_fit(large, "experts-int8", 8 * gpu).max_context == CTX
+    assert not acc.budget_fit(large, "bfloat16", 8 * gpu).weights_fit  # 742 GiB: why it needs int8
+    # Jamba (52B) on one 80 GB GPU: only with 8-bit weights
+    assert not acc.budget_fit(mini, "bfloat16", gpu).weights_fit
+    assert acc.budget_fit(mini, "experts-int8", gpu).max_context == CTX
+
+
+# ---- the command line: precisions and budget ----------------------------------------------------------------
+def test_parse_size() -> None:
+    from pyjamba.info import parse_size
+
+    assert parse_size("80GiB") == 80 * GIB == parse_size("80 gib") == parse_size("85899345920")
+    assert parse_size("640GB") == 640 * 10**9
+    assert parse_size("1.5TiB") == 3 * 2**39
+    assert parse_size("512MiB") == 2**29 and parse_size("2KB") == 2000 and parse_size("7B") == 7
+    for bad in ("80XB", "GiB", "", "-1GiB", "0GB", "80 GiB extra", "1e9"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_cli_budget_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["info", "jamba-1.5-large", "--budget", "80GiB", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "51.57B" not in out and "398.56B total" in out  # the existing report is still there
+    assert "budget 8 x 80.00 GiB = 640.00 GiB, batch 1" in out
+    assert "  bfloat16        742.37 GiB  no    none (the weights alone exceed the budget)" in out
+    assert "  experts-int8    398.25 GiB  yes   262,144 tokens (the model's maximum)" in out
+    assert "not counted: activations" in out
+
+
+def test_cli_precisions_always_and_budget_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["info", "jamba-tiny", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert "budget" not in r
+    assert {p: w["total"] for p, w in r["weights_by_precision"].items()} == {
+        "float32": 1_653_744,
+        "bfloat16": 826_872,
+        "experts-int8": 593_912,
+        "int8": 504_584,
+    }
+    assert cli(["info", "jamba-tiny", "--json", "--budget", "600000"]) == 0
+    b = json.loads(capsys.readouterr().out)["budget"]
+    assert b["total"] == 600_000 and b["gpus"] == 1 and b["kv_cache_bytes_per_token"] == 128
+    fits = b["precisions"]
+    assert [p for p, f in fits.items() if f["weights_fit"]] == ["experts-int8", "int8"]
+    assert fits["experts-int8"]["max_context"] == 0  # 6,088 bytes left: less than the Mamba state
+    assert fits["int8"]["max_context"] == (600_000 - 504_584 - 14_592) // 128 == 631
+    assert not fits["int8"]["capped"]
+    assert cli(["info", "jamba-tiny", "--json", "--budget", "2MiB", "--gpus", "2"]) == 0
+    b = json.loads(capsys.readouterr().out)["budget"]
+    assert b["total"] == 4 * 2**20 and b["precisions"]["float32"]["max_context"] == 4096
+
+
+def test_cli_budget_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, needle in (
+        (["--budget", "80XB"], "80XB"),
+        (["--budget", "lots"], "lots"),
+        (["--budget", "0GiB"], "positive"),
+        (["--gpus", "8"], "--budget"),
+        (["--budget", "80GiB", "--gpus", "0"], "--gpus"),
+        (["--budget", "80GiB", "--gpus", "eight"], "eight"),
+    ):
+        err = _error(["jamba-1.5-mini", *argv], capsys)
+        assert needle in err and len(err.splitlines()) == 1
