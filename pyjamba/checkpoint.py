@@ -26,6 +26,9 @@ between the two renames leaves the old folder aside; `recover_folder` (called by
 and the next save) puts it back if it is a complete model folder. The next save deletes what an
 interrupted one left. Only safetensors are read or written: a pickle checkpoint
 (`pytorch_model.bin`) can run arbitrary code when loaded.
+
+A config.json with a `quantization_config` is read through fp8.py: FP8 checkpoints (AI21's `-FP8`
+releases) are dequantized tensor by tensor while loading, any other quantization is refused.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import folders
+from . import folders, fp8
 from .config import JambaConfig
 from .dtypes import auto_dtype, cpu_has_native_bf16, parse_dtype, resolve_dtype
 from .folders import replace_folder
@@ -211,8 +214,12 @@ class _Files:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.handles[self.file_of[key]].get_slice(key).get_shape())
 
+    def code(self, key: str) -> str:
+        """The tensor's safetensors dtype code ("BF16", "F8_E4M3", ...)."""
+        return self.handles[self.file_of[key]].get_slice(key).get_dtype()
+
     def dtype(self, key: str) -> torch.dtype:
-        code = self.handles[self.file_of[key]].get_slice(key).get_dtype()
+        code = self.code(key)
         if code not in _DTYPES:
             raise CheckpointError(
                 f"{self.file_of[key]}: tensor {key} has dtype {code}, not a floating-point dtype "
@@ -304,10 +311,17 @@ def _read_config(folder: Path) -> tuple[JambaConfig, str | None]:
     return config, raw.get("dtype", raw.get("torch_dtype"))
 
 
-def _check(files: _Files, expected: dict[str, torch.Tensor], config: JambaConfig) -> None:
-    """Every name, shape and dtype of the checkpoint against the model's, before anything is read."""
+def _check(
+    files: _Files, expected: dict[str, torch.Tensor], config: JambaConfig, quant: fp8.FP8Format | None = None
+) -> None:
+    """Every name, shape and dtype of the checkpoint against the model's, before anything is read.
+
+    With `quant` (an FP8 checkpoint), a weight may be stored in FP8 with its scale (checked against
+    the weight's shape), and the scales and other auxiliary tensors of FP8 weights are expected too.
+    """
     found = files.file_of
     listing = files.listing
+    aux = quant.auxiliary(found) if quant is not None else {}
     # An expert stack with some experts present but not all: say which expert is missing.
     for name in expected:
         names = expert_names(name, config.num_experts)
@@ -317,7 +331,7 @@ def _check(files: _Files, expected: dict[str, torch.Tensor], config: JambaConfig
     hf_expected = to_hf(expected, config)
     tied_head = {_HEAD} if config.tie_word_embeddings else set()
     missing = [k for k in hf_expected if k not in found]
-    unexpected = [k for k in found if k not in hf_expected and k not in tied_head]
+    unexpected = [k for k in found if k not in hf_expected and k not in tied_head and k not in aux]
     if missing or unexpected:
         parts = []
         if missing:
@@ -339,7 +353,23 @@ def _check(files: _Files, expected: dict[str, torch.Tensor], config: JambaConfig
             raise CheckpointError(
                 f"{found[key]}: tensor {key} has shape {actual}, expected {shape} from {CONFIG_FILE}"
             )
-        files.dtype(key)  # raises for a non-floating dtype
+        if quant is not None and files.code(key) == "F8_E4M3":
+            scale = quant.scale_key(key)
+            try:
+                quant.check_weight(key, actual, files.shape(scale) if scale in found else None)
+            except fp8.FP8FormatError as exc:
+                raise CheckpointError(f"{found[key]}: {exc}") from None
+            if (code := files.code(scale)) not in ("F32", "BF16", "F16"):
+                raise CheckpointError(
+                    f"{found[scale]}: tensor {scale} has dtype {code}, not F32, BF16 or F16"
+                )
+        else:
+            files.dtype(key)  # raises for a non-floating dtype
+    for key, weight in aux.items():
+        if weight not in found or files.code(weight) != "F8_E4M3":
+            raise CheckpointError(f"{found[key]}: tensor {key} belongs to no FP8 weight (no FP8 {weight})")
+        if (code := files.code(key)) not in ("F32", "BF16", "F16", "F8_E4M3"):
+            raise CheckpointError(f"{found[key]}: tensor {key} has dtype {code}, not a floating-point dtype")
 
 
 def load_model(
@@ -356,6 +386,10 @@ def load_model(
     dtype: None or "stored" keeps each tensor's checkpoint dtype; "auto" is `dtypes.auto_dtype(config,
     device)`, the fastest for this machine; else every tensor is converted to it while read
     (`dtypes.parse_dtype` reads names).
+    An FP8 checkpoint (config.json's `quantization_config`, see fp8.py) is dequantized while read, one
+    tensor at a time, to that dtype; "stored" (None) means bfloat16 for it. The model's config then
+    has no quantization_config, so that `save_pretrained` writes an ordinary checkpoint. Any other
+    quantization_config is a CheckpointError naming what is not supported.
     On the CPU in the checkpoint's dtype, parameters other than the experts are views of the
     memory-mapped files (copy-on-write: the files never change); expert stacks are read into place.
     Raises CheckpointError naming the file (and the tensor) for anything that does not fit the config,
@@ -369,7 +403,10 @@ def load_model(
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder}")
     config, declared_dtype = _read_config(folder)
+    quant = _read_quantization(folder, config)
     target, why = resolve_dtype(asked, config, device)
+    if quant is not None and target is None:
+        target, why = torch.bfloat16, "stored: FP8 weights are dequantized to bfloat16"
     if asked == "auto":
         logger.info("dtype auto: %s on %s (%s)", target, torch.device(device), why)
     device = torch.device(device)
@@ -378,25 +415,48 @@ def load_model(
         model = model_class(config, kernels=kernels)
     expected = model.state_dict()
     files = _Files(folder)
-    _check(files, expected, config)
+    _check(files, expected, config, quant)
+
+    def is_fp8(key: str) -> bool:
+        return quant is not None and files.code(key) == "F8_E4M3"
+
+    # The tensors read with an FP8 weight besides its scale (zero points: must be zero); the rest
+    # (input scales, for activations that run unquantized here) are consumed unread.
+    zero_points: dict[str, list[str]] = {}
+    for aux, weight in (quant.auxiliary(files.file_of) if quant is not None else {}).items():
+        if aux.endswith("zero_point"):
+            zero_points.setdefault(weight, []).append(aux)
+
+    def dequantize_into(key: str, out: torch.Tensor) -> torch.Tensor:
+        assert quant is not None
+        try:
+            for aux in zero_points.get(key, ()):
+                quant.check_aux(aux, files.mapped(aux))
+            return quant.dequantize_into(out, files.mapped(key), files.mapped(quant.scale_key(key)))
+        except fp8.FP8FormatError as exc:
+            raise CheckpointError(f"{files.file_of[key]}: {exc}") from None
 
     def read(key: str) -> torch.Tensor:
+        if is_fp8(key):
+            return dequantize_into(key, torch.empty(files.shape(key), dtype=target, device=device))
         if device.type == "cpu" and target in (None, files.dtype(key)):
             return files.mapped(key)
         return files.staged(key).to(device=device, dtype=target, copy=True)
 
     def read_stack(names: list[str]) -> torch.Tensor:
-        source = files.dtype(names[0])
+        source = torch.bfloat16 if is_fp8(names[0]) else files.dtype(names[0])
         stack = torch.empty((len(names), *files.shape(names[0])), dtype=target or source, device=device)
         for j, key in enumerate(names):  # (E, out, in), filled one expert at a time
-            if device.type == "cpu" and stack.dtype == files.dtype(key):
+            if is_fp8(key):
+                dequantize_into(key, stack[j])
+            elif device.type == "cpu" and stack.dtype == files.dtype(key):
                 files.read_into(key, stack[j])
             else:
                 stack[j].copy_(files.staged(key))
         return stack
 
     if config.tie_word_embeddings and _HEAD in files.file_of:
-        embed, head = files.mapped(_EMBED), files.mapped(_HEAD)
+        embed, head = (read(k) if is_fp8(k) else files.mapped(k) for k in (_EMBED, _HEAD))
         if not torch.equal(embed, head.to(embed.dtype)):
             raise CheckpointError(
                 f"{files.file_of[_HEAD]}: tensor {_HEAD} differs from {_EMBED}, but {CONFIG_FILE} sets "
@@ -419,6 +479,20 @@ def load_model(
         folder, len(files.file_of), len(files.handles), "/".join(dtypes), declared_dtype, device,
     )  # fmt: skip
     return model.eval()
+
+
+def _read_quantization(folder: Path, config: JambaConfig) -> fp8.FP8Format | None:
+    """config.json's quantization_config as an FP8Format (None if it has none), taken out of the config.
+
+    Raises CheckpointError, naming config.json, for a quantization pyjamba cannot dequantize.
+    """
+    if "quantization_config" not in config.extra:
+        return None
+    raw = config.extra.pop("quantization_config")  # the loaded model is not quantized
+    try:
+        return fp8.read_quantization_config(raw)
+    except fp8.FP8FormatError as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from None
 
 
 def from_pretrained(
