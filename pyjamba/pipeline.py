@@ -2,18 +2,19 @@
 
 `pyjamba.load(source)` (`runtime.load`) makes one from a model folder, a Hugging Face repo id or the
 model shipped inside the package. A TextGenerator renders chat templates, streams text (never a
-broken character, never past a stop string) and returns it. `load`, `resolve_model`, `SHIPPED_MODEL`
-and `ModelNotFoundError` are still importable from here; they live in runtime.py.
+broken character, never past a stop string) and returns it. `stop_token_ids` is the one rule for the
+tokens that end a sequence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .config import JambaConfig
 from .generate import stream
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -21,18 +22,18 @@ if TYPE_CHECKING:
     from .model import JambaForCausalLM
     from .runtime import Choices
 
-__all__ = ["TextGenerator"]
-
-_FROM_RUNTIME = ("SHIPPED_MODEL", "ModelNotFoundError", "load", "resolve_model")
+__all__ = ["TextGenerator", "stop_token_ids"]
 
 
-def __getattr__(name: str) -> Any:
-    """The loading names that moved to runtime.py (which imports this module), for older imports."""
-    if name in _FROM_RUNTIME:
-        from . import runtime
-
-        return getattr(runtime, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def stop_token_ids(
+    tokenizer: Tokenizer | None, config: JambaConfig, generation_eos: int | Iterable[int] | None = None
+) -> list[int]:
+    """The one rule for the tokens that end a sequence: the tokenizer's end-of-sequence tokens, config.json's
+    `eos_token_id` and generation_config.json's (`generation_eos`), all of them; sorted, without repeats."""
+    eos = set(tokenizer.eos_token_ids if tokenizer is not None else ()) | set(config.eos_token_ids)
+    if generation_eos is not None:
+        eos |= {generation_eos} if isinstance(generation_eos, int) else set(generation_eos)
+    return sorted(eos)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TextGenerator:
 
     `defaults` holds the options the model folder's `generation_config.json` sets (and only those),
     as keyword arguments of `generate.stream`. `eos_token_ids` are the stop tokens by runtime.py's one
-    rule (`runtime.stop_token_ids`: the tokenizer's, config.json's and generation_config.json's),
+    rule (`stop_token_ids`: the tokenizer's, config.json's and generation_config.json's),
     worked out from the other fields when not given. `choices` says how `runtime.load` loaded the
     model, and why (None for a TextGenerator built by hand).
     """
@@ -54,8 +55,6 @@ class TextGenerator:
 
     def __post_init__(self) -> None:
         if self.eos_token_ids is None:
-            from .runtime import stop_token_ids  # runtime.py imports this module
-
             self.eos_token_ids = stop_token_ids(
                 self.tokenizer, self.model.config, self.defaults.get("eos_token_id")
             )

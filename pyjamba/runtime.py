@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from .generate import GenerationConfig
 from .hugepages import huge_pages_unavailable, move_to_huge_pages
 from .kernels import KERNEL_NAMES, Kernels, numba_unavailable
 from .model import JambaForCausalLM
-from .pipeline import TextGenerator
+from .pipeline import TextGenerator, stop_token_ids
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -123,17 +122,6 @@ def resolve_model(source: str | os.PathLike | None) -> Path:
             f"could not download {text!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}); "
             "offline, pass --model with a local folder"
         ) from exc
-
-
-def stop_token_ids(
-    tokenizer: Tokenizer | None, config: JambaConfig, generation_eos: int | Iterable[int] | None = None
-) -> list[int]:
-    """The one rule for the tokens that end a sequence: the tokenizer's end-of-sequence tokens, config.json's
-    `eos_token_id` and generation_config.json's (`generation_eos`), all of them; sorted, without repeats."""
-    eos = set(tokenizer.eos_token_ids if tokenizer is not None else ()) | set(config.eos_token_ids)
-    if generation_eos is not None:
-        eos |= {generation_eos} if isinstance(generation_eos, int) else set(generation_eos)
-    return sorted(eos)
 
 
 def generation_defaults(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pyjamba
-from pyjamba import pipeline, runtime
+from pyjamba import runtime
 from pyjamba.__main__ import main as pyjamba_main
 from pyjamba.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from pyjamba.config import JambaConfig
@@ -125,15 +125,6 @@ def test_load_errors(model_dir, tmp_path, monkeypatch):
         runtime.load(tmp_path / "absent")
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         runtime.check(tmp_path)
-
-
-def test_pipeline_keeps_its_old_names():
-    from pyjamba.pipeline import SHIPPED_MODEL, ModelNotFoundError, load, resolve_model
-
-    assert load is runtime.load is pyjamba.load and resolve_model is runtime.resolve_model
-    assert SHIPPED_MODEL is runtime.SHIPPED_MODEL and ModelNotFoundError is runtime.ModelNotFoundError
-    with pytest.raises(AttributeError):
-        pipeline.no_such_name  # noqa: B018
 
 
 # ---- the one dtype parser and policy ------------------------------------------------------------

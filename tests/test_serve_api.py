@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from pyjamba.generate import generate
 from pyjamba.model import JambaForCausalLM
-from pyjamba.pipeline import load
+from pyjamba.runtime import load
 from pyjamba.serve.app import Backend, Settings, create_app
 from pyjamba.serve.engine import Engine, Sequence
 from pyjamba.serve.sampling import SamplingParams

@@ -23,6 +23,7 @@ torch.distributed the processes agree before the (collective) DCP load, and fall
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -273,10 +274,9 @@ def _read_rank_state(path: Path) -> dict[str, Any]:
 
 
 def _write_rank_state(path: Path, state: dict[str, Any]) -> None:
-    with open(path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_file(path, buffer.getvalue())
 
 
 @contextmanager
