@@ -12,6 +12,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "info": ("pyjamba.info", "parameters, attention-cache and Mamba-state memory of a preset or folder"),
     "generate": ("pyjamba.cli:generate_main", "continue a prompt with a model, streaming the text"),
     "chat": ("pyjamba.cli:chat_main", "a multi-turn conversation with a model's chat template"),
+    "quantize": ("pyjamba.quantize", "write an int8 copy of a model folder (experts-int8 or int8)"),
     "bench": ("pyjamba.bench", "prefill and decode speed on the CPU, pyjamba against transformers"),
     "serve": ("pyjamba.serve.cli", "an OpenAI-compatible HTTP server with continuous batching"),
     "train": (

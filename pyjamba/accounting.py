@@ -185,11 +185,11 @@ INT8_SCALE_BYTES = 4  # one float32 scale per output row of an int8 matrix
 # The components whose linear weight matrices each int8 format stores in int8 (the rest: bfloat16).
 INT8_COMPONENTS: dict[str, frozenset[str]] = {
     "experts-int8": frozenset({"mlp", "experts"}),
-    "int8": frozenset({"attention", "mamba", "mlp", "experts", "router"}),
+    "int8": frozenset({"attention", "mamba", "mlp", "experts"}),  # the router stays (quantize.py)
 }
 
 
-def _linear_weights(c: JambaConfig) -> dict[str, tuple[int, int]]:
+def linear_weights(c: JambaConfig) -> dict[str, tuple[int, int]]:
     """Per component, (elements, output rows) of its linear layers' weight matrices, biases excluded.
 
     Attention: q, k, v, o. Mamba: in_proj, x_proj, dt_proj, out_proj (not conv1d, A_log, D, norms).
@@ -227,7 +227,7 @@ def weight_breakdown(c: JambaConfig, precision: str) -> dict[str, int]:
     params = param_breakdown(c)
     if precision in DTYPE_BYTES:
         return {key: n * DTYPE_BYTES[precision] for key, n in params.items()}
-    quantized, linear = INT8_COMPONENTS[precision], _linear_weights(c)
+    quantized, linear = INT8_COMPONENTS[precision], linear_weights(c)
     out = {}
     for key, n in params.items():
         elements, rows = linear[key] if key in quantized else (0, 0)

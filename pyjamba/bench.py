@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, JambaConfig
+from .quantize import METHODS
 from .runtime import KERNEL_NAMES
 
 __all__ = ["decode_bytes_per_step", "main", "prefill_flops", "variant_config"]
@@ -108,18 +109,27 @@ def prefill_flops(c: JambaConfig, length: int, batch: int = 1) -> int:
     return batch * (2 * _matmul_weights_per_token(c) * length + attention + head)
 
 
-def decode_bytes_per_step(c: JambaConfig, dtype_bytes: int, batch: int = 1) -> float:
-    """Bytes of weights one decoding step reads for `batch` sequences (see the module docstring)."""
-    from .accounting import param_breakdown
+def decode_bytes_per_step(
+    c: JambaConfig, dtype_bytes: int, batch: int = 1, quantize: str | None = None
+) -> float:
+    """Bytes of weights one decoding step reads for `batch` sequences (see the module docstring);
+    with `quantize` ("experts-int8", "int8"), its int8 matrices at 1 byte and their float32 scales."""
+    from .accounting import INT8_COMPONENTS, INT8_SCALE_BYTES, linear_weights, param_breakdown
 
     params = param_breakdown(c)
-    total = sum(params.values()) - params["embedding"] + batch * c.hidden_size
+    quantized = INT8_COMPONENTS[quantize] if quantize else frozenset()
+    linear = linear_weights(c)
+    nbytes = {}
+    for key, n in params.items():
+        elements, rows = linear[key] if key in quantized else (0, 0)
+        nbytes[key] = (n - elements) * dtype_bytes + elements + INT8_SCALE_BYTES * rows
+    total = sum(nbytes.values()) - nbytes["embedding"] + batch * c.hidden_size * dtype_bytes
     if c.tie_word_embeddings:
-        total += c.vocab_size * c.hidden_size  # the head is the embedding table, read in full
+        total += c.vocab_size * c.hidden_size * dtype_bytes  # the head is the embedding table, read in full
     if params["experts"]:
         used = c.num_experts * (1 - (1 - c.num_experts_per_tok / c.num_experts) ** batch)
-        total -= params["experts"] * (1 - used / c.num_experts)
-    return total * dtype_bytes
+        total -= nbytes["experts"] * (1 - used / c.num_experts)
+    return total
 
 
 # ---- measuring ------------------------------------------------------------------------------------
@@ -256,6 +266,7 @@ def _load(engine: str, case: dict[str, Any]) -> Any:
             dtype=case["dtype"],
             kernels=case.get("kernels", "auto"),
             huge_pages=case.get("huge_pages", True),
+            quantize=case.get("quantize"),
         )
         if case.get("verbose"):
             print(f"pyjamba bench: {choices.summary()}", file=sys.stderr, flush=True)
@@ -326,6 +337,8 @@ class _Engine:
                 self.base["prefill_chunk"] = case["prefill_chunk"]
             if not case.get("huge_pages", True):
                 self.base["huge_pages"] = False
+            if case.get("quantize"):
+                self.base["quantize"] = case["quantize"]
         self.load_row = {"bench": "load", **self.base, "load_s": round(load_s, 2)}
         self.load_row["rss_gb"] = round(peak.peak / 1e9, 3)
         with torch.inference_mode():
@@ -523,7 +536,7 @@ def _annotate(row: dict[str, Any], config: JambaConfig, machine: dict[str, Any])
         # bfloat16 prompts are multiplied in float32 on CPUs without native bfloat16 (model.linear).
         row["fraction_of_fp32_matmul"] = round(achieved / machine["matmul_gflops_float32"], 3)
     elif row.get("bench") == "decode":
-        nbytes = decode_bytes_per_step(config, _DTYPE_BYTES[row["dtype"]], row["batch"])
+        nbytes = decode_bytes_per_step(config, _DTYPE_BYTES[row["dtype"]], row["batch"], row.get("quantize"))
         # The bandwidth measured alongside the run where there is one (a shared machine's varies).
         bandwidth = row.get("bandwidth_gbs_at_run", machine["bandwidth_gbs"])
         floor = row["batch"] * bandwidth * 1e9 / nbytes
@@ -543,6 +556,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--verbose", action="store_true", help="say on stderr which kernels and dtype pyjamba chose, and why"
+    )
+    parser.add_argument(
+        "--quantize", choices=METHODS, help="pyjamba's weights in int8, quantized on load (quantize.py)"
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="*", default=[512, 2048, 8192], help="prompt lengths")
@@ -690,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
                     "prefill_chunk": args.prefill_chunk,
                     "huge_pages": not args.no_huge_pages,
                     "kernels": args.kernels,
+                    "quantize": args.quantize,
                     "verbose": args.verbose,
                     "wait_idle": args.wait_idle,
                 }

@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import folders, fp8
+from . import quantize as quantization
 from .config import JambaConfig
 from .dtypes import auto_dtype, cpu_has_native_bf16, parse_dtype, resolve_dtype
 from .folders import replace_folder
@@ -83,8 +85,13 @@ _MODEL_FILE = re.compile(
     + _PICKLE_FILE.pattern
 )
 
-_HF_EXPERT = re.compile(r"(?P<stack>.+\.experts)\.(?P<j>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
-_STACKED_EXPERT = re.compile(r"(?P<stack>.+\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)")
+_HF_EXPERT = re.compile(
+    r"(?P<stack>.+\.experts)\.(?P<j>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight(?P<scale>_scale)?"
+)
+# An expert stack, or the per-row scales of an int8 one (quantize.py): (E, out) here, (out, 1) each on disk.
+_STACKED_EXPERT = re.compile(
+    r"(?P<stack>.+\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)(?P<scale>_scale)?"
+)
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 # safetensors' dtype codes for the floating-point dtypes a Jamba checkpoint may hold.
@@ -101,7 +108,8 @@ def expert_names(name: str, num_experts: int) -> list[str] | None:
     match = _STACKED_EXPERT.fullmatch(name)
     if match is None:
         return None
-    return [f"{match['stack']}.{j}.{match['proj']}.weight" for j in range(num_experts)]
+    leaf = "weight_scale" if match["scale"] else "weight"
+    return [f"{match['stack']}.{j}.{match['proj']}.{leaf}" for j in range(num_experts)]
 
 
 def from_hf(state: Mapping[str, torch.Tensor], config: JambaConfig) -> dict[str, torch.Tensor]:
@@ -115,15 +123,19 @@ def from_hf(state: Mapping[str, torch.Tensor], config: JambaConfig) -> dict[str,
     for key in state:
         match = _HF_EXPERT.fullmatch(key)
         if match is None:
-            out[key] = state[key]
+            # An int8 weight's scales are (out, 1) on disk (compressed-tensors), (out,) here.
+            out[key] = state[key].flatten() if key.endswith(".weight_scale") else state[key]
         else:
-            stacks.setdefault(f"{match['stack']}.{match['proj']}", {})[int(match["j"])] = key
+            stacks.setdefault(f"{match['stack']}.{match['proj']}{match['scale'] or ''}", {})[
+                int(match["j"])
+            ] = key
     for name, members in stacks.items():
         missing = [j for j in range(config.num_experts) if j not in members]
         extra = sorted(j for j in members if j >= config.num_experts)
         if missing or extra:
             raise CheckpointError(_expert_set_message(name, config.num_experts, missing, extra))
-        out[name] = torch.stack([state[members[j]] for j in range(config.num_experts)])  # (E, out, in)
+        stack = torch.stack([state[members[j]] for j in range(config.num_experts)])  # (E, out, in)
+        out[name] = stack.flatten(1) if name.endswith("_scale") else stack  # scales (E, out)
     if config.tie_word_embeddings and _EMBED in out:
         out[_HEAD] = out[_EMBED]
     return out
@@ -132,6 +144,8 @@ def from_hf(state: Mapping[str, torch.Tensor], config: JambaConfig) -> dict[str,
 def to_hf(state: Mapping[str, torch.Tensor], config: JambaConfig) -> dict[str, torch.Tensor]:
     """pyjamba names -> checkpoint names: expert stacks (E, out, in) split into E views (out, in).
 
+    The scales of int8 weights (out,) or stacked (E, out) become (out, 1) each, as compressed-tensors
+    stores them.
     With tie_word_embeddings, `lm_head.weight` is left out, as transformers saves a tied head. The
     values are views of `state`'s tensors: clone them for anything that refuses shared memory.
     """
@@ -141,14 +155,16 @@ def to_hf(state: Mapping[str, torch.Tensor], config: JambaConfig) -> dict[str, t
             continue
         names = expert_names(name, config.num_experts)
         if names is None:
-            out[name] = tensor
+            out[name] = tensor[:, None] if name.endswith(".weight_scale") else tensor
             continue
-        if tensor.dim() != 3 or tensor.shape[0] != config.num_experts:
+        scales = name.endswith("_scale")
+        if tensor.dim() != 3 - scales or tensor.shape[0] != config.num_experts:
             raise ValueError(
-                f"{name} must be stacked (E={config.num_experts}, out, in), got shape {tuple(tensor.shape)}"
+                f"{name} must be stacked (E={config.num_experts}, out{'' if scales else ', in'}), "
+                f"got shape {tuple(tensor.shape)}"
             )
         for j, key in enumerate(names):
-            out[key] = tensor[j]  # (out, in)
+            out[key] = tensor[j, :, None] if scales else tensor[j]  # (out, 1) or (out, in)
     return out
 
 
@@ -353,7 +369,7 @@ def _check(
             raise CheckpointError(
                 f"{found[key]}: tensor {key} has shape {actual}, expected {shape} from {CONFIG_FILE}"
             )
-        if quant is not None and files.code(key) == "F8_E4M3":
+        if quant is not None and files.code(key) == quant.weight_code:
             scale = quant.scale_key(key)
             try:
                 quant.check_weight(key, actual, files.shape(scale) if scale in found else None)
@@ -366,9 +382,11 @@ def _check(
         else:
             files.dtype(key)  # raises for a non-floating dtype
     for key, weight in aux.items():
-        if weight not in found or files.code(weight) != "F8_E4M3":
-            raise CheckpointError(f"{found[key]}: tensor {key} belongs to no FP8 weight (no FP8 {weight})")
-        if (code := files.code(key)) not in ("F32", "BF16", "F16", "F8_E4M3"):
+        if weight not in found or files.code(weight) != quant.weight_code:
+            raise CheckpointError(
+                f"{found[key]}: tensor {key} belongs to no {quant.kind} weight (no {quant.kind} {weight})"
+            )
+        if (code := files.code(key)) not in ("F32", "BF16", "F16", "F8_E4M3", "I8"):
             raise CheckpointError(f"{found[key]}: tensor {key} has dtype {code}, not a floating-point dtype")
 
 
@@ -379,6 +397,8 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     kernels: str | Kernels = "auto",
+    quantize: str | None = None,
+    progress: bool | None = None,
 ) -> JambaForCausalLM:
     """A `model_class(config, kernels=kernels)` with its weights read from a Hugging Face model folder
     (config.json + safetensors, one file or sharded): what `JambaForCausalLM.from_pretrained` runs.
@@ -386,17 +406,26 @@ def load_model(
     dtype: None or "stored" keeps each tensor's checkpoint dtype; "auto" is `dtypes.auto_dtype(config,
     device)`, the fastest for this machine; else every tensor is converted to it while read
     (`dtypes.parse_dtype` reads names).
-    An FP8 checkpoint (config.json's `quantization_config`, see fp8.py) is dequantized while read, one
-    tensor at a time, to that dtype; "stored" (None) means bfloat16 for it. The model's config then
-    has no quantization_config, so that `save_pretrained` writes an ordinary checkpoint. Any other
-    quantization_config is a CheckpointError naming what is not supported.
+    quantize: "experts-int8" or "int8" (quantize.py) quantizes those weights as they are read, one
+    tensor at a time (a progress bar on stderr when `progress`, by default when stderr is a
+    terminal), so that memory peaks near the quantized size.
+    A quantized checkpoint (config.json's `quantization_config`, see fp8.py): FP8 weights are
+    dequantized while read, one tensor at a time, to that dtype ("stored", None, means bfloat16 for
+    them), or requantized to int8 where `quantize` asks; int8 weights (compressed-tensors'
+    int-quantized, as `pyjamba quantize` writes) stay int8 with their scales, except any that no
+    int8 kernel reads (a head, a router), which are dequantized. Any other quantization_config is a
+    CheckpointError naming what is not supported. The model's config never keeps the
+    quantization_config: `save_pretrained` writes the one its weights call for.
     On the CPU in the checkpoint's dtype, parameters other than the experts are views of the
     memory-mapped files (copy-on-write: the files never change); expert stacks are read into place.
     Raises CheckpointError naming the file (and the tensor) for anything that does not fit the config,
     ConfigError for a config.json that is not a valid Jamba config (before anything is built). A folder
     missing because a save was killed midway is first put back (`recover_folder`).
     """
+    from tqdm.auto import tqdm  # ~30 ms to import; most loads quantize nothing
+
     asked = parse_dtype(dtype)  # a bad name fails before anything is read
+    quantization.check_method(quantize)
     folder = Path(path)
     if not folder.is_dir():
         recover_folder(folder)  # or waits for a save that is between its two renames
@@ -405,7 +434,7 @@ def load_model(
     config, declared_dtype = _read_config(folder)
     quant = _read_quantization(folder, config)
     target, why = resolve_dtype(asked, config, device)
-    if quant is not None and target is None:
+    if quant is not None and target is None and quant.weight_code == fp8.FP8_CODE:
         target, why = torch.bfloat16, "stored: FP8 weights are dequantized to bfloat16"
     if asked == "auto":
         logger.info("dtype auto: %s on %s (%s)", target, torch.device(device), why)
@@ -413,14 +442,27 @@ def load_model(
     kernels = resolve_kernels(kernels, device)  # "auto": the fastest for the device the weights go to
     with torch.device("meta"):
         model = model_class(config, kernels=kernels)
-    expected = model.state_dict()
     files = _Files(folder)
-    _check(files, expected, config, quant)
+    _check(files, model.state_dict(), config, quant)
 
-    def is_fp8(key: str) -> bool:
-        return quant is not None and files.code(key) == "F8_E4M3"
+    def is_quantized(key: str) -> bool:  # stored in FP8 or int8, with a scale
+        return quant is not None and files.code(key) == quant.weight_code
 
-    # The tensors read with an FP8 weight besides its scale (zero points: must be zero); the rest
+    def is_int8(key: str) -> bool:
+        return quant is not None and quant.weight_code == "I8" and files.code(key) == "I8"
+
+    # The int8 weights of the loaded model: those `quantize` asks for, and those stored in int8 that an
+    # int8 kernel reads.
+    readable = set(quantization.quantized_names(model.state_dict(), "int8"))
+    int8 = set(quantization.quantized_names(model.state_dict(), quantize)) if quantize else set()
+    for name in readable:
+        keys = expert_names(name, config.num_experts) or [name]
+        if all(is_int8(k) for k in keys):
+            int8.add(name)
+    quantization.prepare(model, sorted(int8))  # int8 meta parameters and their scale buffers
+    expected = model.state_dict()
+
+    # The tensors read with a quantized weight besides its scale (zero points: must be zero); the rest
     # (input scales, for activations that run unquantized here) are consumed unread.
     zero_points: dict[str, list[str]] = {}
     for aux, weight in (quant.auxiliary(files.file_of) if quant is not None else {}).items():
@@ -436,18 +478,20 @@ def load_model(
         except fp8.FP8FormatError as exc:
             raise CheckpointError(f"{files.file_of[key]}: {exc}") from None
 
+    def float_dtype(key: str) -> torch.dtype:
+        return target or (torch.bfloat16 if is_quantized(key) else files.dtype(key))
+
     def read(key: str) -> torch.Tensor:
-        if is_fp8(key):
-            return dequantize_into(key, torch.empty(files.shape(key), dtype=target, device=device))
+        if is_quantized(key):
+            return dequantize_into(key, torch.empty(files.shape(key), dtype=float_dtype(key), device=device))
         if device.type == "cpu" and target in (None, files.dtype(key)):
             return files.mapped(key)
         return files.staged(key).to(device=device, dtype=target, copy=True)
 
     def read_stack(names: list[str]) -> torch.Tensor:
-        source = torch.bfloat16 if is_fp8(names[0]) else files.dtype(names[0])
-        stack = torch.empty((len(names), *files.shape(names[0])), dtype=target or source, device=device)
+        stack = torch.empty((len(names), *files.shape(names[0])), dtype=float_dtype(names[0]), device=device)
         for j, key in enumerate(names):  # (E, out, in), filled one expert at a time
-            if is_fp8(key):
+            if is_quantized(key):
                 dequantize_into(key, stack[j])
             elif device.type == "cpu" and stack.dtype == files.dtype(key):
                 files.read_into(key, stack[j])
@@ -455,28 +499,72 @@ def load_model(
                 stack[j].copy_(files.staged(key))
         return stack
 
+    def read_int8(name: str, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """An int8 weight and its scales: as stored, or quantized now from what is stored."""
+        if not all(is_int8(k) for k in keys):  # float or FP8 on disk: quantized here
+            q, scale = quantization.quantize_rows(read(name) if len(keys) == 1 else read_stack(keys))
+            return q.to(device), scale.to(device)
+        for key in keys:
+            for aux in zero_points.get(key, ()):
+                try:
+                    quant.check_aux(aux, files.mapped(aux))
+                except fp8.FP8FormatError as exc:
+                    raise CheckpointError(f"{files.file_of[key]}: {exc}") from None
+        scales = [
+            files.mapped(quant.scale_key(k)).to(device=device, dtype=torch.float32).flatten() for k in keys
+        ]
+        if len(keys) == 1:
+            weight = files.mapped(keys[0]) if device.type == "cpu" else files.mapped(keys[0]).to(device)
+            return weight, scales[0]
+        stack = torch.empty((len(keys), *files.shape(keys[0])), dtype=torch.int8, device=device)
+        for j, key in enumerate(keys):
+            if device.type == "cpu":
+                files.read_into(key, stack[j])
+            else:
+                stack[j].copy_(files.mapped(key))
+        return stack, torch.stack(scales)
+
     if config.tie_word_embeddings and _HEAD in files.file_of:
-        embed, head = (read(k) if is_fp8(k) else files.mapped(k) for k in (_EMBED, _HEAD))
+        embed, head = (read(k) if is_quantized(k) else files.mapped(k) for k in (_EMBED, _HEAD))
         if not torch.equal(embed, head.to(embed.dtype)):
             raise CheckpointError(
                 f"{files.file_of[_HEAD]}: tensor {_HEAD} differs from {_EMBED}, but {CONFIG_FILE} sets "
                 "tie_word_embeddings: the head would be silently replaced by the embedding"
             )
+    names = [
+        n for n in expected if not n.endswith("_scale") and not (n == _HEAD and config.tie_word_embeddings)
+    ]
+    quantizing = [n for n in int8 if not all(is_int8(k) for k in expert_names(n, config.num_experts) or [n])]
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = tqdm(
+        total=len(names),
+        desc=f"quantizing to {quantize}",
+        unit="tensor",
+        disable=not (progress and quantizing),
+    )
     state: dict[str, torch.Tensor] = {}
-    for name in expected:
-        if name == _HEAD and config.tie_word_embeddings:
-            continue
-        names = expert_names(name, config.num_experts)
-        state[name] = read(name) if names is None else read_stack(names)
+    for name in names:
+        keys = expert_names(name, config.num_experts)
+        if name in int8:
+            state[name], state[quantization.scale_name(name)] = read_int8(name, keys or [name])
+        else:
+            state[name] = read(name) if keys is None else read_stack(keys)
+        bar.update()
+    bar.close()
     if config.tie_word_embeddings:
         state[_HEAD] = state[_EMBED]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter, not two sharing storage
+    for p in model.parameters():
+        if p.dtype == torch.int8:
+            p.requires_grad_(False)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     logger.info(
-        "loaded %s: %d tensors from %d file(s), dtype %s (config.json declares %s), device %s",
+        "loaded %s: %d tensors from %d file(s), dtype %s (config.json declares %s), device %s%s",
         folder, len(files.file_of), len(files.handles), "/".join(dtypes), declared_dtype, device,
+        f", {len(int8)} weights in int8" if int8 else "",
     )  # fmt: skip
     return model.eval()
 
@@ -501,11 +589,12 @@ def from_pretrained(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     kernels: str | Kernels = "auto",
+    quantize: str | None = None,
 ) -> JambaForCausalLM:
     """A JambaForCausalLM from a Hugging Face model folder: `load_model(JambaForCausalLM, path, ...)`."""
     from .model import JambaForCausalLM  # not at the top: model.py imports this module
 
-    return load_model(JambaForCausalLM, path, dtype=dtype, device=device, kernels=kernels)
+    return load_model(JambaForCausalLM, path, dtype=dtype, device=device, kernels=kernels, quantize=quantize)
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -578,6 +667,7 @@ def save_pretrained(
     *,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
+    copy_files_from: str | os.PathLike | None = None,
 ) -> None:
     """Write a Hugging Face model folder (config.json + safetensors) that transformers loads as is.
 
@@ -585,7 +675,9 @@ def save_pretrained(
     shards and `model.safetensors.index.json`. dtype converts the floating-point tensors (None keeps
     theirs). Atomic: everything is written into a temporary sibling folder, which then replaces `path`
     (`folders.replacement`); other files already in `path` (tokenizer, generation config, ...) are kept, old
-    model files are not. The folder gets ordinary permissions (0o777 less the umask).
+    model files are not; `copy_files_from` (a model folder) brings its other files along too (over the
+    kept ones). The folder gets ordinary permissions (0o777 less the umask). A model with int8 weights
+    (quantize.py) is written with its scales and the `quantization_config` that says so.
     """
     limit = parse_size(max_shard_size)
     target = parse_dtype(dtype, allow_auto=False)
@@ -595,12 +687,17 @@ def save_pretrained(
         raise ValueError(f"config ties {_HEAD} to {_EMBED}, but the model holds two different tensors")
     hf = to_hf(state, config)
 
-    def nbytes(t: torch.Tensor) -> int:
+    def converted(key: str) -> torch.dtype | None:  # an int8 weight's scales stay float32
+        return None if key.endswith(".weight_scale") else target
+
+    def nbytes(key: str) -> int:
+        t = hf[key]
+        dtype = converted(key)
         return t.numel() * (
-            target.itemsize if target is not None and t.is_floating_point() else t.element_size()
+            dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
         )
 
-    shards = _shards({key: nbytes(t) for key, t in hf.items()}, limit)
+    shards = _shards({key: nbytes(key) for key in hf}, limit)
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     saved_dtype = target or hf[_EMBED].dtype
@@ -610,16 +707,18 @@ def save_pretrained(
     with folders.replacement(folder) as tmp:
         file_mode = tmp.stat().st_mode & 0o666  # 0o666 less the umask, read without changing it
         data = dict(config.to_dict(), dtype=str(saved_dtype).removeprefix("torch."))
+        if (method := quantization.method_of(model)) is not None:
+            data["quantization_config"] = quantization.quantization_config(method)
         (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name, keys in zip(names, shards, strict=True):
-            tensors = {key: _standalone(hf[key], target) for key in keys}  # at most one shard's copies
+            tensors = {key: _standalone(hf[key], converted(key)) for key in keys}  # one shard's copies
             safetensors.torch.save_file(tensors, tmp / name, metadata={"format": "pt"})
             del tensors
             os.chmod(tmp / name, file_mode)  # safetensors creates its files 0o600
             folders.fsync(tmp / name)
         if n > 1:
             index = {
-                "metadata": {"total_size": sum(nbytes(t) for t in hf.values())},
+                "metadata": {"total_size": sum(nbytes(key) for key in hf)},
                 "weight_map": {
                     key: name for name, keys in zip(names, shards, strict=True) for key in sorted(keys)
                 },
@@ -627,10 +726,11 @@ def save_pretrained(
             (tmp / INDEX_FILE).write_text(
                 json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                if not _MODEL_FILE.fullmatch(entry.name):
-                    _link_or_copy(entry, tmp / entry.name)
+        for source in (Path(copy_files_from).resolve() if copy_files_from else None, folder):
+            if source is not None and source.is_dir():
+                for entry in source.iterdir():
+                    if not _MODEL_FILE.fullmatch(entry.name) and not (tmp / entry.name).exists():
+                        _link_or_copy(entry, tmp / entry.name)
     logger.info("saved %s: %d tensors in %d file(s), %s", folder, len(hf), n, saved_dtype)
 
 

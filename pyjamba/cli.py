@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .dtypes import DTYPE_CHOICES
 from .pipeline import TextGenerator
+from .quantize import METHODS
 from .runtime import KERNEL_NAMES, Choices, ModelNotFoundError, load
 from .sampling import NonFiniteLogits, SamplingError, SamplingParams
 from .tokenizer import TokenizerError
@@ -46,7 +47,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_weight_options(parser: argparse.ArgumentParser) -> None:
-    """--dtype, --kernels, --threads and --verbose, as every command that loads a model for inference
+    """--dtype, --kernels, --quantize, --threads and --verbose, as every command that loads a model for inference
     takes them (the arguments of `runtime.load`)."""
     parser.add_argument(
         "--dtype",
@@ -60,6 +61,12 @@ def add_weight_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the Mamba scan's kernels (auto: numba on CPU when it is installed, else torch; "
         "reference: the plain loop, slow)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=METHODS,
+        help="int8 weights, quantized while loading: experts-int8 (the MoE experts and MLPs, as AI21 "
+        "serves Jamba) or int8 (every projection)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
@@ -107,7 +114,9 @@ def _check_sampling(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> TextGenerator:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    generator = load(args.model, dtype=args.dtype, kernels=args.kernels, threads=args.threads)
+    generator = load(
+        args.model, dtype=args.dtype, kernels=args.kernels, threads=args.threads, quantize=args.quantize
+    )
     if args.verbose:
         print_choices("pyjamba", generator.choices)
     return generator

@@ -63,6 +63,7 @@ FP8 = torch.float8_e4m3fn
 FP8_CODE = "F8_E4M3"  # safetensors' dtype code
 _SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _CT_FORMATS = ("float-quantized", "naive-quantized")
+_CT_INT_FORMAT = "int-quantized"  # int8 weights (W8A16); read by quantize.py's int8 kernels, not dequantized
 _ROWS_BYTES = 64 * 2**20  # dequantize in row chunks of about this many float32 bytes
 
 
@@ -96,6 +97,12 @@ class FP8Format:
     blocks: frozenset[tuple[int, int]]  # block shapes, for "block"
     ignore: tuple[str, ...]
     aux_suffixes: tuple[str, ...]  # tensors consumed with the weight (input_scale, zero points)
+    weight_code: str = FP8_CODE  # the quantized weights' safetensors dtype: F8_E4M3, or I8 (int8)
+
+    @property
+    def kind(self) -> str:
+        """The quantized weights' type in words: "FP8" or "int8"."""
+        return "int8" if self.weight_code == "I8" else "FP8"
 
     # ---- names -----------------------------------------------------------------------------------
     def auxiliary(self, found: Iterable[str]) -> dict[str, str]:
@@ -123,14 +130,16 @@ class FP8Format:
         """The strategy of FP8 weight `key` (out, in) given its scale's shape; FP8FormatError if none fits."""
         if scale_shape is None:
             raise FP8FormatError(
-                f"tensor {key} is stored in FP8 but the checkpoint has no {self._scale(key)}"
+                f"tensor {key} is stored in {self.kind} but the checkpoint has no {self._scale(key)}"
             )
         if self.ignored(key):
             raise FP8FormatError(
-                f"tensor {key} is stored in FP8, but quantization_config's ignore list names its module"
+                f"tensor {key} is stored in {self.kind}, but quantization_config's ignore list names its module"
             )
         if len(shape) != 2:
-            raise FP8FormatError(f"tensor {key} is stored in FP8 with shape {shape}: only matrices are read")
+            raise FP8FormatError(
+                f"tensor {key} is stored in {self.kind} with shape {shape}: only matrices are read"
+            )
         fit = self._fit(shape, scale_shape)
         if fit is None:
             out, inp = shape
@@ -241,10 +250,12 @@ def _ignore_list(value: Any, field: str) -> tuple[str, ...]:
 
 def _compressed_tensors(qc: Mapping[str, Any]) -> FP8Format:
     fmt = qc.get("format")
+    if fmt == _CT_INT_FORMAT:
+        return _compressed_int8(qc)
     if fmt not in _CT_FORMATS:
         raise _fail(
             f"compressed-tensors format {fmt!r} is not supported (only {' or '.join(map(repr, _CT_FORMATS))}: "
-            "FP8 weights)"
+            f"FP8 weights, or {_CT_INT_FORMAT!r} with int8 per-channel weights)"
         )
     for field in ("sparsity_config", "transform_config", "kv_cache_scheme"):
         if qc.get(field):
@@ -292,6 +303,51 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> FP8Format:
         blocks=frozenset(blocks),
         ignore=_ignore_list(qc.get("ignore"), "ignore"),
         aux_suffixes=("input_scale", "weight_zero_point", "input_zero_point"),
+    )
+
+
+def _compressed_int8(qc: Mapping[str, Any]) -> FP8Format:
+    """compressed-tensors' int-quantized layout as pyjamba writes it (quantize.py) and llm-compressor's
+    W8A16: int8 weights, symmetric, one float scale per output channel, activations unquantized."""
+    for field in ("sparsity_config", "transform_config", "kv_cache_scheme"):
+        if qc.get(field):
+            raise _fail(f"{field} is not supported (got {qc[field]!r})")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        raise _fail("config_groups must be a non-empty object of quantization schemes")
+    for name, group in groups.items():
+        where = f"config_groups.{name}"
+        weights = group.get("weights") if isinstance(group, Mapping) else None
+        if not isinstance(weights, Mapping):
+            raise _fail(f"{where}.weights must be an object (weight quantization), got {weights!r}")
+        wanted = {"num_bits": 8, "type": "int", "strategy": "channel"}
+        for key, value in wanted.items():
+            if weights.get(key) != value:
+                raise _fail(
+                    f"{where}.weights.{key} {weights.get(key)!r} is not supported with format "
+                    f"{_CT_INT_FORMAT!r} (only int8 weights, symmetric, per channel)"
+                )
+        if (
+            weights.get("symmetric", True) is not True
+            or weights.get("dynamic", False)
+            or weights.get("actorder")
+        ):
+            raise _fail(
+                f"{where}.weights: only symmetric, static int8 weights without actorder are supported"
+            )
+        for acts in ("input_activations", "output_activations"):
+            if group.get(acts):
+                raise _fail(
+                    f"{where}.{acts} is not supported: int8 weights with unquantized activations only"
+                )
+    return FP8Format(
+        method="compressed-tensors",
+        scale_suffix="weight_scale",
+        strategies=frozenset({"channel"}),
+        blocks=frozenset(),
+        ignore=_ignore_list(qc.get("ignore"), "ignore"),
+        aux_suffixes=("weight_zero_point",),
+        weight_code="I8",
     )
 
 

@@ -41,14 +41,19 @@ _QUERY_BLOCK = 512  # queries per attention call where a mask is needed
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) that multiplies through the model's kernels."""
+    """nn.Linear (same parameters, same names) that multiplies through the model's kernels.
+
+    A quantized model (quantize.py) holds an int8 `weight` and its per-output-row float32
+    `weight_scale`; otherwise `weight_scale` is None.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, kernels: Kernels) -> None:
         super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("weight_scale", None)
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.linear(x, self.weight, self.bias)
+        return self.kernels.linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class RMSNorm(nn.Module):
@@ -174,7 +179,9 @@ class MambaMixer(nn.Module):
         if pad_mask is not None:
             xs = xs * pad_mask
         dt, B, C = self._dt_b_c(xs)  # (B, L, R), (B, L, N), (B, L, N)
-        delta = self.kernels.linear(dt, self.dt_proj.weight, None)  # (B, L, ED); bias: in the scan, float32
+        delta = self.kernels.linear(
+            dt, self.dt_proj.weight, None, self.dt_proj.weight_scale
+        )  # (B, L, ED); bias: in the scan, float32
         A = -torch.exp(self.A_log.float())  # (ED, N)
         initial = cache.ssm_states[self.layer_idx] if cache is not None else None
         y, last = self.kernels.selective_scan(
@@ -200,7 +207,7 @@ class MambaMixer(nn.Module):
         if pad is not None:
             xs = xs * pad
         dt, B, C = self._dt_b_c(xs)  # (B, R), (B, N), (B, N)
-        delta = self.kernels.linear(dt, self.dt_proj.weight, None)  # (B, ED)
+        delta = self.kernels.linear(dt, self.dt_proj.weight, None, self.dt_proj.weight_scale)  # (B, ED)
         A = -torch.exp(self.A_log.float())  # (ED, N)
         y = self.kernels.selective_state_update(
             cache.ssm_states[self.layer_idx], xs, delta, A, B, C, D=self.D.float(), z=z,
@@ -232,6 +239,9 @@ class MLP(nn.Module):
 class Experts(nn.Module):
     """E SwiGLU experts, their weights stacked: gate/up (E, I, D), down (E, D, I).
 
+    Quantized (quantize.py): the stacks are int8 and `<stack>_scale` hold their per-row float32
+    scales, (E, I) and (E, D); otherwise those are None.
+
     Two routes to the same sum: `grouped` (a prompt: tokens sorted by expert, each expert run once on
     all its rows) and `gathered` (a few tokens: each (token, expert) pair on that expert's weights).
     """
@@ -242,6 +252,8 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, i, d))
         self.up_proj = nn.Parameter(torch.empty(e, i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        for name in ("gate_proj_scale", "up_proj_scale", "down_proj_scale"):
+            self.register_buffer(name, None)
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -258,8 +270,9 @@ class Experts(nn.Module):
     def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
         """Expert e applied to rows h (n, D) -> (n, D)."""
         k = self.kernels
-        gate, up = k.linear(h, self.gate_proj[e], None), k.linear(h, self.up_proj[e], None)
-        return k.linear(k.silu_mul(gate, up), self.down_proj[e], None)
+        gate = k.linear(h, self.gate_proj[e], None, _row(self.gate_proj_scale, e))
+        up = k.linear(h, self.up_proj[e], None, _row(self.up_proj_scale, e))
+        return k.linear(k.silu_mul(gate, up), self.down_proj[e], None, _row(self.down_proj_scale, e))
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, each expert run once on all its tokens, results scattered back."""
@@ -296,6 +309,11 @@ class Experts(nn.Module):
                 out = y if out is None else out.add_(y)
             rows.append(out)
         return torch.cat(rows) if len(rows) > 1 else rows[0]  # (T, D)
+
+
+def _row(scales: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    """Expert e's scales of a quantized stack, or None for a float one."""
+    return None if scales is None else scales[e]
 
 
 class SparseMoE(nn.Module):
@@ -465,15 +483,24 @@ class JambaForCausalLM(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
         kernels: str | Kernels = "auto",
+        quantize: str | None = None,
     ) -> JambaForCausalLM:
-        """Load a Hugging Face Jamba folder (see `checkpoint.load_model`)."""
-        return load_model(cls, path, dtype=dtype, device=device, kernels=kernels)
+        """Load a Hugging Face Jamba folder (see `checkpoint.load_model`); `quantize`: None,
+        "experts-int8" or "int8" (quantize.py), quantized while read."""
+        return load_model(cls, path, dtype=dtype, device=device, kernels=kernels, quantize=quantize)
 
     def save_pretrained(
-        self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        dtype: torch.dtype | None = None,
+        copy_files_from: str | os.PathLike | None = None,
     ) -> None:
         """Write the Hugging Face layout, atomically (see `checkpoint.save_pretrained`)."""
-        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+        save_pretrained(
+            self, path, max_shard_size=max_shard_size, dtype=dtype, copy_files_from=copy_files_from
+        )
 
     @torch.no_grad()
     def generate(

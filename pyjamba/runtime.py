@@ -37,6 +37,7 @@ from .hugepages import huge_pages_unavailable, move_to_huge_pages
 from .kernels import KERNEL_NAMES, Kernels, numba_unavailable
 from .model import JambaForCausalLM
 from .pipeline import TextGenerator, stop_token_ids
+from .quantize import check_method, method_of
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -76,6 +77,7 @@ class Choices:
     threads_why: str
     huge_pages_bytes: int
     huge_pages_why: str
+    quantize: str | None = None  # "experts-int8" or "int8": weights in int8 (quantize.py)
 
     def summary(self) -> str:
         """One line: 'kernels numba (why), dtype float32 (why), 2 threads (why), weights in huge pages'."""
@@ -84,8 +86,9 @@ class Choices:
             if self.huge_pages_bytes
             else f"weights in ordinary pages ({self.huge_pages_why})"
         )
+        quantized = f", {self.quantize} weights" if self.quantize else ""
         return (
-            f"kernels {self.kernels} ({self.kernels_why}), dtype {self.dtype} ({self.dtype_why}), "
+            f"kernels {self.kernels} ({self.kernels_why}), dtype {self.dtype} ({self.dtype_why}){quantized}, "
             f"{self.threads} thread{'s' * (self.threads != 1)} ({self.threads_why}), {pages}"
         )
 
@@ -146,10 +149,13 @@ def _read_config(folder: Path) -> JambaConfig:
     return JambaConfig.from_pretrained(folder)
 
 
-def _check_options(dtype: torch.dtype | str | None, kernels: str | Kernels, threads: int | None) -> None:
+def _check_options(
+    dtype: torch.dtype | str | None, kernels: str | Kernels, threads: int | None, quantize: str | None = None
+) -> None:
     """ValueError for a bad dtype, unknown kernels, numba kernels without numba (not resolve_kernels'
-    RuntimeError: one line from a command) or a bad thread count, before anything is read."""
+    RuntimeError: one line from a command), a bad thread count or quantization, before anything is read."""
     parse_dtype(dtype)
+    check_method(quantize)
     if isinstance(kernels, str) and kernels not in KERNEL_NAMES:
         raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNEL_NAMES)}")
     if kernels == "numba" and (reason := numba_unavailable()) is not None:
@@ -184,11 +190,14 @@ def load_weights(
     kernels: str | Kernels = "auto",
     threads: int | None = None,
     huge_pages: bool = True,
+    quantize: str | None = None,
 ) -> tuple[JambaForCausalLM, Choices]:
     """The model of a folder (or Hub repo id, or the shipped model), without its tokenizer, and what was
     chosen for it. The arguments are `load`'s."""
-    _check_options(dtype, kernels, threads)
-    return _load_weights(resolve_model(source), dtype, device, kernels, threads, huge_pages)
+    _check_options(dtype, kernels, threads, quantize)
+    return _load_weights(
+        resolve_model(source), dtype, device, kernels, threads, huge_pages, quantize=quantize
+    )
 
 
 def load(
@@ -199,6 +208,7 @@ def load(
     kernels: str | Kernels = "auto",
     threads: int | None = None,
     huge_pages: bool = True,
+    quantize: str | None = None,
 ) -> TextGenerator:
     """A model ready to write text: weights, tokenizer, generation defaults and stop tokens, from a model
     folder, a Hugging Face repo id (with `huggingface_hub` and a network) or, with no source, the model
@@ -208,17 +218,20 @@ def load(
         checkpoint holds each tensor, or a dtype or its name ("float32", "bfloat16", "float16").
     kernels: "auto", "torch", "numba" or "reference" (kernels/__init__.py), or Kernels.
     threads: torch's CPU threads (None: torch's choice, as it stands).
+    quantize: None, "experts-int8" (the MoE experts and MLPs in int8, as the Jamba 1.5 paper serves
+        them) or "int8" (every projection), quantized while the weights are read (quantize.py); a
+        checkpoint saved quantized (`pyjamba quantize`) loads in int8 without it.
     huge_pages: on a CPU, copy the weights into transparent huge pages where Linux offers them
         (`hugepages.move_to_huge_pages`: decoding streams them ~10% faster).
     `.choices` of the result says what was chosen and why.
     """
-    _check_options(dtype, kernels, threads)
+    _check_options(dtype, kernels, threads, quantize)
     folder = resolve_model(source)
     config = _read_config(folder)
     generation = GenerationConfig.from_pretrained(folder)
     tokenizer = Tokenizer.from_pretrained(folder)
     defaults = generation_defaults(folder, generation)
-    model, choices = _load_weights(folder, dtype, device, kernels, threads, huge_pages, config)
+    model, choices = _load_weights(folder, dtype, device, kernels, threads, huge_pages, config, quantize)
     eos = stop_token_ids(tokenizer, config, generation.eos_token_id)
     return TextGenerator(model, tokenizer, defaults, eos_token_ids=eos, choices=choices)
 
@@ -231,6 +244,7 @@ def _load_weights(
     threads: int | None,
     huge_pages: bool,
     config: JambaConfig | None = None,
+    quantize: str | None = None,
 ) -> tuple[JambaForCausalLM, Choices]:
     device = torch.device(device)
     if config is None:
@@ -241,7 +255,9 @@ def _load_weights(
         threads_why = "asked for"
     else:
         threads_why = "torch's choice"
-    model = JambaForCausalLM.from_pretrained(folder, dtype=target, device=device, kernels=kernels)
+    model = JambaForCausalLM.from_pretrained(
+        folder, dtype=target, device=device, kernels=kernels, quantize=quantize
+    )
     if not huge_pages:
         moved, pages_why = 0, "huge pages not asked for"
     elif device.type != "cpu":
@@ -261,6 +277,7 @@ def _load_weights(
         threads_why=threads_why,
         huge_pages_bytes=moved,
         huge_pages_why=pages_why,
+        quantize=method_of(model),
     )
     logger.info("loaded %s: %s", folder, choices.summary())
     return model, choices

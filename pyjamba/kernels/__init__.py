@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 KERNEL_NAMES = ("auto", "torch", "numba", "reference")
 
-Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -51,7 +51,8 @@ class Kernels:
     """One backend's ops. Shapes: scan inputs as reference.py's; the rest as ops.py's.
 
     selective_scan, selective_state_update: the SSM over a prompt, and one step of it (reference.py).
-    linear(x, weight, bias): every projection. rms_norm(x, weight, eps). silu_mul(gate, up): the
+    linear(x, weight, bias, scale): every projection; `scale` (out,) is given for an int8 weight
+    (quantize.py), None for a float one. rms_norm(x, weight, eps). silu_mul(gate, up): the
     SwiGLU gate (a backend may write it into gate). conv_silu(x, past, weight, bias): the causal
     depthwise conv of a prompt and its SiLU, `past` moved on; conv_silu_step the same for one token.
     norm_linear(x, norm_weight, eps, weight): the final norm and the head.

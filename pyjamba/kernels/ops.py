@@ -17,6 +17,7 @@ __all__ = [
     "conv_silu",
     "conv_silu_ref",
     "conv_silu_step",
+    "dequantize",
     "linear",
     "rms_norm",
     "rms_norm_fast",
@@ -24,8 +25,21 @@ __all__ = [
 ]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias (F.linear)."""
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An int8 weight (..., out, in) times its per-output-row scales (..., out), in float32, as `dtype`."""
+    return (weight.to(torch.float32) * scale.to(torch.float32)[..., None]).to(dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ weight^T + bias (F.linear); an int8 weight with its per-row `scale` (quantize.py) is
+    dequantized to x's dtype first."""
+    if scale is not None:
+        weight = dequantize(weight, scale, x.dtype)
     return F.linear(x, weight, bias)
 
 

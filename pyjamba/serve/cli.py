@@ -77,7 +77,9 @@ def _check(args: argparse.Namespace) -> None:
 def _backend(folder: Path, args: argparse.Namespace) -> Backend:
     """Load the model (`runtime.load`: weights in huge pages, tokenizer, generation defaults, stop
     tokens) and start nothing yet (the app starts the engine): runs in a background thread."""
-    loaded = runtime.load(folder, dtype=args.dtype, kernels=args.kernels, threads=args.threads)
+    loaded = runtime.load(
+        folder, dtype=args.dtype, kernels=args.kernels, threads=args.threads, quantize=args.quantize
+    )
     if args.verbose or args.log_level in ("debug", "info"):
         print_choices("pyjamba serve", loaded.choices)
     engine = Engine(

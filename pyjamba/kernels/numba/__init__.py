@@ -72,11 +72,21 @@ def kernels(why: str = "") -> Kernels:
         step = importlib.import_module(f"{__name__}.step")
     logger.info("numba kernels compiled or loaded in %.1f s", time.perf_counter() - start)
 
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if 0 < rows <= _GEMV_ROWS and weight.dtype == torch.float32 and decode.supported(x, weight):
+        if (
+            0 < rows <= _GEMV_ROWS
+            and scale is None
+            and weight.dtype == torch.float32
+            and decode.supported(x, weight)
+        ):
             return decode.gemv(x, weight, bias)  # streams the weight at ~23 GB/s, MKL's at 11-19
-        return cpu.linear(x, weight, bias)
+        return cpu.linear(x, weight, bias, scale)
 
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if elementwise.supported(x, weight):

@@ -67,6 +67,8 @@ def _takes(layer: Any, x: torch.Tensor, pad_mask: torch.Tensor | None, cache: In
     """Whether the fused kernels take this call of the layer (see the module docstring)."""
     if cache is None or x.shape[1] != 1 or cache.length == 0 or pad_mask is not None:
         return False
+    if any(name.endswith("scale") for name, _ in layer.named_buffers()):  # int8 weights: eager
+        return False
     if layer.kind == "mamba" and not all(
         s[layer.layer_idx].is_contiguous() and s[layer.layer_idx].dtype == torch.float32
         for s in (cache.conv_states, cache.ssm_states)
