@@ -181,7 +181,7 @@ def test_int8_head_is_dequantized_as_no_int8_kernel_reads_it(tmp_path):
     tensors["lm_head.weight"], tensors["lm_head.weight_scale"] = q, scale[:, None]
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(
-        CheckpointError, match="lm_head.weight is stored in int8, but quantization_config's ignore"
+        CheckpointError, match=r"lm_head\.weight is stored in int8, but quantization_config.s ignore"
     ):
         from_pretrained(target)
     config = json.loads((target / "config.json").read_text())

@@ -1,4 +1,5 @@
-"""The numba backend: CPU kernels compiled by numba, for float32 inference.
+"""The numba backend: CPU kernels compiled by numba, for inference in float32 (and, decoding, on
+bfloat16 or int8 weights: decode.py).
 
     scan.py         the selective scan and its one-token update, one fused pass (any dtype it
                     cannot take, or autograd, goes to the chunked PyTorch scan)
@@ -7,9 +8,12 @@
                     the final norm with the head, and a matrix-vector product for a few rows
     step.py         which decoding calls take decode.py's kernels, and the weights each reads
 
-`kernels()` compiles them (or loads them from numba's on-disk cache) and returns the table. Every op
-here falls back to the torch backend's for a call its kernel does not take (another dtype, autograd,
-a non-CPU tensor), so a model built with this backend runs anywhere the torch backend does.
+`kernels()` compiles them (or loads them from numba's on-disk cache) and returns the table; the
+decoding kernels for int8 and bfloat16 weights compile the first time a model with such weights
+decodes. int8 weights (quantize.py): a few rows take decode.py's int8 matrix-vector product, a prompt
+a one-pass dequantization then the float32 product. Every op here falls back to the torch backend's
+for a call its kernel does not take (another dtype, autograd, a non-CPU tensor), so a model built
+with this backend runs anywhere the torch backend does.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ __all__ = ["kernels"]
 
 logger = logging.getLogger(__name__)
 
-_GEMV_ROWS = 4  # float32, up to this many rows: the numba matrix-vector product
+_GEMV_ROWS = 4  # float32 or int8 weights, up to this many rows: the numba matrix-vector product
+_HEAD_DTYPES = (torch.float32, torch.bfloat16)  # the fused final norm and head read these
 _NOTICE_AFTER_S = 2.0  # a compilation this slow is a first run: say so, rather than sit silent
 
 
@@ -61,6 +66,15 @@ def _notice(what: str) -> Iterator[None]:
             print(f"pyjamba: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
+def _cpu_inference(*tensors: torch.Tensor) -> bool:
+    """No gradient wanted, not compiling, every tensor on the CPU (any dtype)."""
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and all(t.device.type == "cpu" for t in tensors)
+    )
+
+
 def kernels(why: str = "") -> Kernels:
     """The numba backend's table, compiled now; raises ImportError if numba is missing."""
     with _notice("compiling the numba CPU kernels"):
@@ -79,14 +93,25 @@ def kernels(why: str = "") -> Kernels:
         scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if (
-            0 < rows <= _GEMV_ROWS
-            and scale is None
-            and weight.dtype == torch.float32
-            and decode.supported(x, weight)
-        ):
-            return decode.gemv(x, weight, bias)  # streams the weight at ~23 GB/s, MKL's at 11-19
+        if rows > 0 and decode.supported(x) and weight.device.type == "cpu":
+            if scale is None and weight.dtype == torch.float32 and rows <= _GEMV_ROWS:
+                return decode.gemv(x, weight, bias)  # streams the weight at ~23 GB/s, MKL's at 11-19
+            if scale is not None and weight.dtype == torch.int8 and weight.dim() == 2:
+                if rows <= _GEMV_ROWS:  # int8 read once, converted in registers: a quarter of the bytes
+                    return decode.gemv(x, weight, bias, scale)
+                # A prompt: dequantized in one pass, then multiplied as float32 (see _dequantize_linear).
+                return _dequantize_linear(x, weight, bias, scale)
         return cpu.linear(x, weight, bias, scale)
+
+    def _dequantize_linear(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """An int8 projection of many rows (a prompt): the weight dequantized into a reused float32
+        buffer in one parallel pass, then multiplied as float32. The pass costs ~1 ns per weight
+        (2-core AVX2), under 4% of a 512-token product, which reads each weight ~1000 times; torch's
+        dequantize (two passes and a fresh buffer) cost 15-80%. Multiplying tiles of the weight as
+        they are dequantized measured 2-4x slower (MKL on narrow row blocks)."""
+        return cpu.linear(x, decode.dequantize(weight, scale, scratch=True), bias)
 
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if elementwise.supported(x, weight):
@@ -109,8 +134,14 @@ def kernels(why: str = "") -> Kernels:
         x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
     ) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if 0 < rows <= _GEMV_ROWS and decode.supported(x, norm_weight, weight):
-            return decode.norm_gemv(None, x, eps, (norm_weight, weight))  # the final norm and the head
+        if (
+            0 < rows <= _GEMV_ROWS
+            and x.dtype in _HEAD_DTYPES
+            and weight.dtype == x.dtype
+            and _cpu_inference(x, norm_weight, weight)
+        ):
+            # The final norm and the head; a bfloat16 head read as is, the sums in float32, rounded once.
+            return decode.norm_gemv(None, x, eps, (norm_weight, weight)).to(x.dtype)
         return linear(rms_norm(x, norm_weight, eps), weight)
 
     return Kernels(
