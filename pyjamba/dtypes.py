@@ -17,6 +17,7 @@ import torch
 
 if TYPE_CHECKING:
     from .config import JambaConfig
+    from .probe import DtypeSpeeds
 
 __all__ = [
     "DTYPE_CHOICES",
@@ -79,14 +80,16 @@ def resolve_dtype(
     *,
     native_bf16: bool | None = None,
     available_bytes: int | None = None,
+    speeds: DtypeSpeeds | None = None,
 ) -> tuple[torch.dtype | None, str]:
     """(the dtype to load `config`'s weights in, None for as stored; why) for what was asked for.
 
-    native_bf16 and available_bytes override what is read from this machine (for tests).
+    native_bf16, speeds and available_bytes override what is measured or read on this machine (for
+    tests), as in `auto_dtype`.
     """
     parsed = parse_dtype(value)
     if parsed == "auto":
-        return _auto(config, device, native_bf16=native_bf16, available_bytes=available_bytes)
+        return _auto(config, device, native_bf16=native_bf16, available_bytes=available_bytes, speeds=speeds)
     if parsed is None:
         return None, "stored: each tensor as the checkpoint holds it"
     return parsed, "asked for"
@@ -98,23 +101,29 @@ def auto_dtype(
     *,
     native_bf16: bool | None = None,
     available_bytes: int | None = None,
+    speeds: DtypeSpeeds | None = None,
 ) -> torch.dtype:
     """The weights' dtype that runs `config` fastest on `device`: what `dtype="auto"` resolves to.
 
     - Not a CPU: bfloat16 (accelerators multiply it at float32's rate or faster).
-    - A CPU with native bfloat16 matmuls (`cpu_has_native_bf16`): bfloat16, half the bytes to read.
-    - Any other CPU: float32. There torch's bfloat16 GEMM is a scalar loop (1.7 GFLOP/s against 81
-      in float32 on the 2-core AVX2 EPYC of docs/benchmarks.md), so `model.linear` multiplies all but
-      the smallest batches in float32 anyway, converting the weight on every call. Measured there
-      (jamba-small, paired runs): bfloat16 prefill 7% slower, decoding one sequence 17% faster (half
-      the bytes), four sequences 1.6x and eight 2x slower; and bfloat16 weights lose precision.
+    - A CPU: measured (`probe.dtype_speeds`, once per machine). bfloat16 when it decodes at least
+      `_DECODE_GAIN` times as fast as float32 and prefills at least `_PREFILL_KEEP` times as fast, so
+      that auto never decodes slower than float32, nor trades a little decoding for much slower
+      prompts; else float32. (On a 2-core AVX2 EPYC, where a prompt's bfloat16 weights are
+      converted to float32 on every call, bfloat16 prompts measured slower; with AVX512-BF16 or AMX
+      both run faster.)
       Unless float32 weights would take more than 80% of the available memory (MemAvailable, or
       `available_bytes`) while bfloat16 ones would not: then bfloat16, which at least fits.
 
-    native_bf16 and available_bytes override what is read from this machine (for tests).
-    `resolve_dtype("auto", ...)` gives the same dtype with the reason.
+    native_bf16 (True: bfloat16 is faster, False: it is not), speeds and available_bytes override
+    what is read or measured on this machine (for tests). `resolve_dtype("auto", ...)` gives the
+    same dtype with the reason.
     """
-    return _auto(config, device, native_bf16=native_bf16, available_bytes=available_bytes)[0]
+    return _auto(config, device, native_bf16=native_bf16, available_bytes=available_bytes, speeds=speeds)[0]
+
+
+_DECODE_GAIN = 1.05  # bfloat16 must decode this much faster than float32 (beyond the probe's noise)
+_PREFILL_KEEP = 0.9  # and prefill at least this fraction of float32's speed
 
 
 def _auto(
@@ -123,14 +132,26 @@ def _auto(
     *,
     native_bf16: bool | None,
     available_bytes: int | None,
+    speeds: DtypeSpeeds | None = None,
 ) -> tuple[torch.dtype, str]:
     device = torch.device(device)
     if device.type != "cpu":
         return torch.bfloat16, f"auto: {device.type} multiplies bfloat16 at float32's rate or faster"
-    if native_bf16 is None:
-        native_bf16 = cpu_has_native_bf16()
-    if native_bf16:
-        return torch.bfloat16, "auto: this CPU has native bfloat16 matmul"
+    if native_bf16 is not None:
+        faster = native_bf16
+        why = "auto: bfloat16 " + ("is" if faster else "is not") + " faster on this CPU (as given)"
+    else:
+        if speeds is None:
+            from .probe import dtype_speeds
+
+            speeds = dtype_speeds()
+        faster = speeds.decode_ratio >= _DECODE_GAIN and speeds.prefill_ratio >= _PREFILL_KEEP
+        why = (
+            f"auto: measured on this CPU, bfloat16 weights decode at {speeds.decode_ratio:.2f}x and prefill at "
+            f"{speeds.prefill_ratio:.2f}x float32's speed"
+        )
+    if faster:
+        return torch.bfloat16, why
     if available_bytes is None:
         available_bytes = _available_memory()
     if available_bytes is not None:
@@ -143,7 +164,7 @@ def _auto(
                 f"auto: float32 weights ({4 * params / 1e9:.1f} GB) would not fit in 80% of the available "
                 f"memory ({available_bytes / 1e9:.1f} GB), bfloat16 ones do"
             )
-    return torch.float32, "auto: this CPU has no native bfloat16 matmul"
+    return torch.float32, why
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

@@ -14,6 +14,15 @@ from pyjamba import folders
 from pyjamba.testing import PARITY_CONFIGS, random_model, to_transformers
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dtype_measurements(tmp_path_factory):
+    """dtype="auto" measures this CPU once (probe.py) and keeps the result: here, in a folder of this
+    test session (its subprocesses inherit the variable), never in the user's cache."""
+    import os
+
+    os.environ["PYJAMBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("pyjamba-cache"))
+
+
 @pytest.fixture(params=sorted(PARITY_CONFIGS))
 def parity_pair(request):
     """(name, pyjamba model, transformers model) with the same random weights, float32."""
