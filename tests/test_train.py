@@ -225,3 +225,19 @@ def test_cli_reports_bad_recipes_in_one_line(tmp_path, capsys):
     assert "optim.lr must be a finite number >= 0" in capsys.readouterr().err
     assert main([str(path), "--print-recipe", "train.max_steps=7"]) == 0
     assert json.loads(capsys.readouterr().out)["train"]["max_steps"] == 7
+
+
+def test_a_quantized_checkpoint_is_refused_as_a_starting_point(corpus, tmp_path):
+    from pyjamba.checkpoint import from_pretrained
+    from pyjamba.train.config import RecipeError
+
+    Trainer(recipe(corpus, tmp_path / "base", train={"max_steps": 1, "checkpoint_every": 1})).run()
+    from_pretrained(tmp_path / "base" / "model", quantize="experts-int8").save_pretrained(tmp_path / "int8")
+    quantized = recipe(corpus, tmp_path / "again")
+    quantized.model.init_from, quantized.model.preset, quantized.model.overrides = (
+        str(tmp_path / "int8"),
+        None,
+        {},
+    )
+    with pytest.raises(RecipeError, match=r"holds experts-int8 weights, which do not train"):
+        Trainer(quantized)

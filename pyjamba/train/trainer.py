@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import JambaConfig
 from ..folders import write_file
 from ..model import JambaForCausalLM
+from ..quantize import method_of
 from . import checkpoints, data_source
 from .config import RecipeError, TrainingDiverged, TrainRecipe
 from .data_source import Batch
@@ -124,6 +125,11 @@ class Trainer:
             model = JambaForCausalLM.from_pretrained(
                 m.init_from, dtype=dtype, device=device, kernels=m.kernels
             )
+            if (method := method_of(model)) is not None:
+                raise RecipeError(
+                    f"model.init_from {m.init_from} holds {method} weights, which do not train (int8 has no "
+                    "gradients): start from the unquantized checkpoint"
+                )
             if model.config.vocab_size != self.config.vocab_size:
                 raise RecipeError(
                     f"model.init_from has vocab_size {model.config.vocab_size}, the data needs "
