@@ -210,3 +210,22 @@ def test_states_must_be_contiguous_float32() -> None:
     weights = (None,) * 15
     with pytest.raises(ValueError, match="contiguous float32 states"):
         mamba_step(mixer, x, 1e-6, weights, cache.conv_states[0].double(), cache.ssm_states[0])
+
+
+@torch.no_grad()
+def test_a_cache_filled_to_capacity_compiles_nothing_new() -> None:
+    """Keys and values are views of the cache: strided while it has room, C-contiguous once full. Both
+    must run the kernels compiled at import (by conversion to the "A" signature), never a new
+    specialisation compiled in the middle of a generation (seconds, or a minute on a first run)."""
+    from pyjamba.kernels.numba import decode
+
+    model = random_model(PARITY_CONFIGS["jamba-pattern-8"], kernels="numba")
+    ids = torch.randint(1, model.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
+    before = {kernel.__name__: len(kernel.overloads) for kernel in decode._SIGNATURES}
+    cache = model.make_cache(1, max_length=6)
+    model(ids, cache=cache)
+    for token in (5, 6):  # the second step fills the cache: every key is then a contiguous view
+        model(torch.tensor([[token]]), cache=cache)
+    assert cache.length == 6
+    assert {kernel.__name__: len(kernel.overloads) for kernel in decode._SIGNATURES} == before
+    assert not any(kernel._can_compile for kernel in decode._SIGNATURES if kernel.signatures)

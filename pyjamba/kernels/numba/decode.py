@@ -437,14 +437,21 @@ def _kernel(kernel: Callable, *kinds: np.dtype, quiet: bool = False) -> Callable
                 from . import _notice  # here: the package imports this module
 
                 signature = _SIGNATURES[kernel](*(_KINDS[k] for k in kinds))
-                if quiet:  # at import: the package's own notice covers it
-                    kernel.compile(signature)
-                else:
-                    names = "/".join(str(k) for k in kinds)
-                    with _notice(
-                        f"compiling the numba decoding kernel {kernel.__name__} for {names} weights"
-                    ):
+                # Compiling is allowed here only: a call whose arrays do not match a signature exactly
+                # (a C-contiguous view where the signature says "A") must take the compiled code by
+                # conversion, never compile a new specialisation in the middle of a generation.
+                kernel.disable_compile(False)
+                try:
+                    if quiet:  # at import: the package's own notice covers it
                         kernel.compile(signature)
+                    else:
+                        names = "/".join(str(k) for k in kinds)
+                        with _notice(
+                            f"compiling the numba decoding kernel {kernel.__name__} for {names} weights"
+                        ):
+                            kernel.compile(signature)
+                finally:
+                    kernel.disable_compile(True)
                 _READY.add(key)
     return kernel
 
