@@ -21,7 +21,7 @@ import torch
 
 from pyjamba.config import PRESETS, JambaConfig
 from pyjamba.model import JambaForCausalLM
-from pyjamba.quantize import quantize_model
+from pyjamba.quantize import METHODS, quantize_model
 
 
 def read_bandwidth(gib: float = 1.0) -> float:
@@ -58,7 +58,7 @@ def build(preset: str, precision: str) -> JambaForCausalLM:
     model.init_weights()
     if precision == "bfloat16":
         model.to(torch.bfloat16)
-    elif precision in ("int8", "experts-int8"):
+    elif precision in METHODS:
         quantize_model(model, precision)
     return model.eval()
 

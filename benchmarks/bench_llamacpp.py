@@ -17,7 +17,7 @@ Every engine variant is a worker process of its own, fed the same random token i
                  dtype=..., quantize=...)` as the commands load it, then prefill and decode as
                  `pyjamba bench` does (a cache sized for prompt + steps, `logits_to_keep=1`)
 
-pyjamba variants: `float32`, `bfloat16`, `experts-int8`, `int8` (quantized on load, activations
+pyjamba variants: `float32`, `bfloat16`, `experts-int8`, `int8`, `int8-head` (quantized on load, activations
 in `auto`'s dtype), or `METHOD:DTYPE` (e.g. `int8:bfloat16`). llama.cpp variants: `f16`, `q8_0`
 (`bf16`, `f32` also convert). `--resident` keeps every worker loaded for the whole run (needs them
 all in memory at once; the default when the preset is under 1B parameters); otherwise each round
@@ -137,6 +137,9 @@ class _LlamaWorker:
         return {"prefill_s": prefill_s, "decode_s": decode_s, "tokens": out[:8]}
 
 
+_METHODS = ("experts-int8", "int8", "int8-head")  # pyjamba.quantize.METHODS (this runs without pyjamba)
+
+
 class _PyjambaWorker:
     def __init__(self, case: dict[str, Any]) -> None:
         import torch
@@ -144,7 +147,7 @@ class _PyjambaWorker:
         torch.set_num_threads(case["threads"])
         self.torch = torch
         method, _, dtype = case["variant"].partition(":")
-        quantize = method if method in ("experts-int8", "int8") else None
+        quantize = method if method in _METHODS else None
         dtype = dtype or (method if quantize is None else "auto")
         t0 = time.perf_counter()
         self.model, kernels = _load_pyjamba(case["checkpoint"], dtype, quantize, case["threads"])

@@ -151,7 +151,7 @@ def to_hf(state: Mapping[str, torch.Tensor], config: JambaConfig) -> dict[str, t
     """
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if name == _HEAD and config.tie_word_embeddings:
+        if name in (_HEAD, _HEAD + "_scale") and config.tie_word_embeddings:  # an int8 head: made on load
             continue
         names = expert_names(name, config.num_experts)
         if names is None:
@@ -449,16 +449,21 @@ def load_model(
         return quant is not None and files.code(key) == quant.weight_code
 
     def is_int8(key: str) -> bool:
-        return quant is not None and quant.weight_code == "I8" and files.code(key) == "I8"
+        return quant is not None and quant.weight_code == "I8" and key in found and files.code(key) == "I8"
+
+    found = files.file_of
+    tied = config.tie_word_embeddings
 
     # The int8 weights of the loaded model: those `quantize` asks for, and those stored in int8 that an
     # int8 kernel reads.
-    readable = set(quantization.quantized_names(model.state_dict(), "int8"))
+    readable = set(quantization.quantized_names(model.state_dict(), "int8-head"))
     int8 = set(quantization.quantized_names(model.state_dict(), quantize)) if quantize else set()
     for name in readable:
         keys = expert_names(name, config.num_experts) or [name]
         if all(is_int8(k) for k in keys):
             int8.add(name)
+    if tied and quant is not None and quant.weight_code == "I8" and "lm_head" in quant.targets:
+        int8.add(_HEAD)  # an int8 copy of the tied embeddings, which the checkpoint does not hold
     quantization.prepare(model, sorted(int8))  # int8 meta parameters and their scale buffers
     expected = model.state_dict()
 
@@ -501,6 +506,8 @@ def load_model(
 
     def read_int8(name: str, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """An int8 weight and its scales: as stored, or quantized now from what is stored."""
+        if name == _HEAD and tied and not is_int8(_HEAD):  # the head quantized from the embeddings
+            return read_int8(_EMBED, [_EMBED])
         if not all(is_int8(k) for k in keys):  # float or FP8 on disk: quantized here
             q, scale = quantization.quantize_rows(read(name) if len(keys) == 1 else read_stack(keys))
             return q.to(device), scale.to(device)
@@ -532,7 +539,7 @@ def load_model(
                 "tie_word_embeddings: the head would be silently replaced by the embedding"
             )
     names = [
-        n for n in expected if not n.endswith("_scale") and not (n == _HEAD and config.tie_word_embeddings)
+        n for n in expected if not n.endswith("_scale") and not (n == _HEAD and tied and _HEAD not in int8)
     ]
     quantizing = [n for n in int8 if not all(is_int8(k) for k in expert_names(n, config.num_experts) or [n])]
     if progress is None:
@@ -552,10 +559,10 @@ def load_model(
             state[name] = read(name) if keys is None else read_stack(keys)
         bar.update()
     bar.close()
-    if config.tie_word_embeddings:
+    if tied and _HEAD not in int8:
         state[_HEAD] = state[_EMBED]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if tied and _HEAD not in int8:
         model.lm_head.weight = model.model.embed_tokens.weight  # one Parameter, not two sharing storage
     for p in model.parameters():
         if p.dtype == torch.int8:
@@ -683,7 +690,8 @@ def save_pretrained(
     target = parse_dtype(dtype, allow_auto=False)
     config = model.config
     state = model.state_dict()
-    if config.tie_word_embeddings and state[_HEAD].data_ptr() != state[_EMBED].data_ptr():
+    tied_copy = state[_HEAD].dtype == torch.int8  # an int8 copy of tied embeddings (quantize.py's int8-head)
+    if config.tie_word_embeddings and not tied_copy and state[_HEAD].data_ptr() != state[_EMBED].data_ptr():
         raise ValueError(f"config ties {_HEAD} to {_EMBED}, but the model holds two different tensors")
     hf = to_hf(state, config)
 

@@ -98,6 +98,7 @@ class FP8Format:
     ignore: tuple[str, ...]
     aux_suffixes: tuple[str, ...]  # tensors consumed with the weight (input_scale, zero points)
     weight_code: str = FP8_CODE  # the quantized weights' safetensors dtype: F8_E4M3, or I8 (int8)
+    targets: tuple[str, ...] = ()  # config_groups' targets (int8: "lm_head" there means a head in int8)
 
     @property
     def kind(self) -> str:
@@ -348,6 +349,9 @@ def _compressed_int8(qc: Mapping[str, Any]) -> FP8Format:
         ignore=_ignore_list(qc.get("ignore"), "ignore"),
         aux_suffixes=("weight_zero_point",),
         weight_code="I8",
+        targets=tuple(
+            t for group in groups.values() for t in group.get("targets") or () if isinstance(t, str)
+        ),
     )
 
 

@@ -544,8 +544,8 @@ class JambaForCausalLM(nn.Module):
                 module.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def make_cache(self, batch_size: int, max_length: int = 256) -> HybridCache:
-        """An empty inference cache in the model's dtype and device."""
-        param = self.lm_head.weight
+        """An empty inference cache in the model's dtype and device (its final norm's: an int8 head is not)."""
+        param = self.model.final_layernorm.weight
         return HybridCache(self.config, batch_size, max_length, dtype=param.dtype, device=param.device)
 
     def forward(
@@ -587,7 +587,10 @@ class JambaForCausalLM(nn.Module):
         else:
             x = x[:, logits_to_keep]
         norm = self.model.final_layernorm
-        logits = self.kernels.norm_linear(x, norm.weight, norm.eps, self.lm_head.weight)  # (B, L', V)
+        head = self.lm_head
+        logits = self.kernels.norm_linear(
+            x, norm.weight, norm.eps, head.weight, head.weight_scale
+        )  # (B, L', V)
 
         loss = aux_loss = None
         if labels is not None:

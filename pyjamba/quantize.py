@@ -9,6 +9,10 @@ kept in float32. The activations stay in the model's dtype; the kernels dequanti
     int8          those, and every other projection: attention q/k/v/o, Mamba in/x/dt/out. The
                   router (a few rows that decide the routing), the embeddings and the head stay
                   as loaded.
+    int8-head     int8 and the language-model head, as llama.cpp's Q8_0 has it: a small model's
+                  head is much of what each decoded token reads (jamba-small's tied 65536 x 512
+                  table: 43% of its parameters). A head tied to the embeddings gets an int8 copy of
+                  its own; the embeddings, of which a token reads one row, stay as loaded.
 
 A quantized module holds an int8 `weight` (an nn.Linear's, or an Experts stack) and its scales
 beside it: `weight_scale` (out,) on a Linear, `<stack>_scale` (E, out) on Experts (model.py).
@@ -37,7 +41,8 @@ __all__ = [
     "scale_name",
 ]
 
-METHODS = ("experts-int8", "int8")
+METHODS = ("experts-int8", "int8", "int8-head")
+HEAD = "lm_head.weight"
 _FEED_FORWARD = re.compile(r"model\.layers\.\d+\.feed_forward\.(experts\.)?(gate|up|down)_proj(\.weight)?$")
 _PROJECTIONS = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mamba\.(in|x|dt|out)_proj)\.weight$")
 
@@ -73,7 +78,11 @@ def quantized_names(names: list[str] | Iterator[str], method: str) -> list[str]:
     check_method(method)
     out = []
     for name in names:
-        if _FEED_FORWARD.match(name) or (method == "int8" and _PROJECTIONS.match(name)):
+        if (
+            _FEED_FORWARD.match(name)
+            or (method != "experts-int8" and _PROJECTIONS.match(name))
+            or (method == "int8-head" and name == HEAD)
+        ):
             out.append(name)
     return out
 
@@ -88,9 +97,10 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
     """Quantize `model` (a JambaForCausalLM) in place with `method`; returns it.
 
     Each chosen weight is replaced by its int8 rows (a Parameter without gradient) and its scales
-    are set beside it. Weights already int8 are left as they are.
+    are set beside it. Weights already int8 are left as they are. A head tied to the embeddings is
+    replaced in the head alone: the embeddings keep the float Parameter.
     """
-    for name in quantized_names([n for n, _ in model.named_parameters()], method):
+    for name in quantized_names([n for n, _ in model.named_parameters(remove_duplicate=False)], method):
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         weight = owner._parameters[leaf]
@@ -121,26 +131,25 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def method_of(model: nn.Module) -> str | None:
-    """ "int8" if the model has int8 attention or Mamba projections, "experts-int8" if only int8
-    feed-forward weights, None if none are int8."""
-    names = [n for n, p in model.named_parameters() if p.dtype == torch.int8]
+    """The method a model's int8 weights follow: "int8-head" with an int8 head, "int8" with int8
+    attention or Mamba projections, "experts-int8" with only int8 feed-forward weights, None if none
+    is int8."""
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.dtype == torch.int8]
     if not names:
         return None
+    if HEAD in names:
+        return "int8-head"
     return "int8" if any(_PROJECTIONS.match(n) for n in names) else "experts-int8"
 
 
 def quantization_config(method: str) -> dict:
     """config.json's `quantization_config` for a checkpoint quantized with `method`: compressed-tensors'
     int-quantized, int8 symmetric per channel weights, unquantized activations (W8A16)."""
-    targets = (
-        ["re:.*feed_forward.*_proj$"]
-        if method == "experts-int8"
-        else [
-            "re:.*feed_forward.*_proj$",
-            "re:.*self_attn\\.[qkvo]_proj$",
-            "re:.*mamba\\.(in|x|dt|out)_proj$",
-        ]
-    )
+    targets = ["re:.*feed_forward.*_proj$"]
+    if method != "experts-int8":
+        targets += ["re:.*self_attn\\.[qkvo]_proj$", "re:.*mamba\\.(in|x|dt|out)_proj$"]
+    if method == "int8-head":
+        targets.append("lm_head")
     return {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
@@ -159,7 +168,7 @@ def quantization_config(method: str) -> dict:
                 "output_activations": None,
             }
         },
-        "ignore": ["lm_head", "re:.*router$"],
+        "ignore": ["re:.*router$"] if method == "int8-head" else ["lm_head", "re:.*router$"],
         "kv_cache_scheme": None,
         "pyjamba_method": method,
     }

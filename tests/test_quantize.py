@@ -86,6 +86,7 @@ def test_methods_choose_the_papers_weights():
         assert any(part in n for n in every), part
     for kept in ("router", "embed_tokens", "lm_head", "layernorm", "conv1d", "A_log"):
         assert not any(kept in n for n in every), kept
+    assert set(quantized_names(names, "int8-head")) == {*every, "lm_head.weight"}
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         quantized_names(names, "int4")
 
@@ -171,7 +172,7 @@ def test_fp8_checkpoint_is_requantized_to_int8(tmp_path):
     _same(_logits(requantized), _logits(expected))
 
 
-def test_int8_head_is_dequantized_as_no_int8_kernel_reads_it(tmp_path):
+def test_an_int8_head_from_elsewhere_stays_int8_unless_ignored(tmp_path):
     source, target = tmp_path / "float", tmp_path / "int8"
     model = random_model(PARITY_CONFIGS["moe-gqa-untied"])
     save_pretrained(model, source)
@@ -188,8 +189,8 @@ def test_int8_head_is_dequantized_as_no_int8_kernel_reads_it(tmp_path):
     config["quantization_config"]["ignore"].remove("lm_head")
     (target / "config.json").write_text(json.dumps(config))
     loaded = from_pretrained(target, kernels="torch")
-    assert loaded.lm_head.weight.dtype == torch.bfloat16  # the stored-quantized default, as for FP8
-    assert torch.equal(loaded.lm_head.weight, (q.float() * scale[:, None]).to(torch.bfloat16))
+    assert method_of(loaded) == "int8-head"
+    assert torch.equal(loaded.lm_head.weight, q) and torch.equal(loaded.lm_head.weight_scale, scale)
 
 
 # ---- what is refused -----------------------------------------------------------------------------
@@ -285,3 +286,31 @@ def test_generate_quantize_option(tmp_path):
                 "--kernels", "torch", "--quantize", "experts-int8", "--verbose")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "experts-int8 weights" in done.stderr
+
+
+def test_int8_head_of_tied_embeddings_is_a_copy_made_on_load(tmp_path):
+    source, target = tmp_path / "float", tmp_path / "int8"
+    save_pretrained(random_model(PARITY_CONFIGS["dense-mha-tied-projbias"]), source)  # tied
+    model = from_pretrained(source, quantize="int8-head", kernels="torch")
+    assert model.lm_head.weight.dtype == torch.int8
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # a token reads one row: kept
+    q, scale = quantize_rows(model.model.embed_tokens.weight)
+    assert torch.equal(model.lm_head.weight, q) and torch.equal(model.lm_head.weight_scale, scale)
+    model.save_pretrained(target)
+    with safe_open(target / "model.safetensors", "pt") as f:
+        names = f.keys()
+        assert not any(k.startswith("lm_head") for k in names)  # made again from the embeddings
+    config = json.loads((target / "config.json").read_text())
+    assert "lm_head" in config["quantization_config"]["config_groups"]["group_0"]["targets"]
+    back = from_pretrained(target, kernels="torch")
+    assert method_of(back) == "int8-head" and torch.equal(back.lm_head.weight, q)
+    _same(_logits(back), _logits(model))
+
+
+def test_int8_head_with_bfloat16_activations_decodes(tmp_path):
+    source = tmp_path / "bf16"
+    save_pretrained(random_model(PARITY_CONFIGS["moe-gqa-untied"]), source, dtype=torch.bfloat16)
+    model = from_pretrained(source, quantize="int8-head", dtype="stored")
+    assert model.make_cache(1).conv_states[0].dtype == torch.bfloat16  # the model's dtype, not the head's
+    out = model.generate(_ids(model.config.vocab_size), max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 13)

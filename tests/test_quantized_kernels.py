@@ -169,7 +169,7 @@ def test_int8_fused_decoding_matches_reference(
         assert relative_error(got_cache.conv_states[layer], want_cache.conv_states[layer]) < 2e-5
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "int8-head"])  # int8-head: the final norm and an int8 head
 @pytest.mark.parametrize("name", ["moe-gqa-untied", "dense-mha-tied-projbias", "jamba-pattern-8"])
 def test_int8_generate_same_tokens_and_logits(name: str, method: str) -> None:
     """Whole-model: prefill (the int8 prompt projections) and greedy decoding, numba against reference."""

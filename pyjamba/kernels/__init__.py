@@ -40,10 +40,14 @@ Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"
 
 
 def _norm_linear(
-    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The final norm then the head: linear(rms_norm(x)), the reference of `Kernels.norm_linear`."""
-    return ops.linear(ops.rms_norm(x, norm_weight, eps), weight)
+    return ops.linear(ops.rms_norm(x, norm_weight, eps), weight, None, scale)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Kernels:
     (quantize.py), None for a float one. rms_norm(x, weight, eps). silu_mul(gate, up): the
     SwiGLU gate (a backend may write it into gate). conv_silu(x, past, weight, bias): the causal
     depthwise conv of a prompt and its SiLU, `past` moved on; conv_silu_step the same for one token.
-    norm_linear(x, norm_weight, eps, weight): the final norm and the head.
+    norm_linear(x, norm_weight, eps, weight, scale): the final norm and the head (scale: of an int8 head).
     layer_step(layer, x, attn_mask, pad_mask, cache): a whole Layer's forward in one fused step, or
     None for a call it does not take (then the Layer's own forward runs); None: no fused step.
     why: how the backend came to be chosen (`resolve_kernels`).
@@ -70,14 +74,18 @@ class Kernels:
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ops.silu_mul
     conv_silu: Conv = ops.conv_silu_ref
     conv_silu_step: Conv = ops.conv_silu_step
-    norm_linear: Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor] = _norm_linear
+    norm_linear: Callable[..., torch.Tensor] = _norm_linear
     layer_step: Callable[..., Any] | None = None
 
 
 def _torch_norm_linear(
-    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return cpu.linear(ops.rms_norm_fast(x, norm_weight, eps), weight)
+    return cpu.linear(ops.rms_norm_fast(x, norm_weight, eps), weight, None, scale)
 
 
 def _reference(why: str) -> Kernels:

@@ -185,7 +185,7 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     def _new_pool(self, slots: int) -> SlotPool:
-        weight = self.model.lm_head.weight
+        weight = self.model.model.final_layernorm.weight  # the model's dtype (an int8 head is not)
         capacity = min(256, self.max_context)
         return SlotPool(self.model.config, slots, capacity=capacity, dtype=weight.dtype, device=weight.device)
 

@@ -131,18 +131,23 @@ def kernels(why: str = "") -> Kernels:
         return ops.conv_silu(x, past, weight, bias)
 
     def norm_linear(
-        x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+        x: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
         if (
-            0 < rows <= _GEMV_ROWS
+            scale is None
+            and 0 < rows <= _GEMV_ROWS
             and x.dtype in _HEAD_DTYPES
             and weight.dtype == x.dtype
             and _cpu_inference(x, norm_weight, weight)
         ):
             # The final norm and the head; a bfloat16 head read as is, the sums in float32, rounded once.
             return decode.norm_gemv(None, x, eps, (norm_weight, weight)).to(x.dtype)
-        return linear(rms_norm(x, norm_weight, eps), weight)
+        return linear(rms_norm(x, norm_weight, eps), weight, None, scale)  # an int8 head: its gemv
 
     return Kernels(
         name="numba",
