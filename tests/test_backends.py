@@ -113,6 +113,22 @@ def test_norm_linear(backend, dtype, rows):
     _close(backend.norm_linear(x, norm_w, 1e-6, w), want, dtype)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 4, 6])
+def test_norm_linear_int8_head(backend, dtype, rows):
+    """The final norm and an int8 head (quantize.py's int8-head): dequantized, then as a float head."""
+    from pyjamba.quantize import quantize_rows
+
+    x = _randn(rows, 1, 40, dtype=dtype, seed=rows)
+    norm_w = _randn(40, dtype=dtype, seed=14)
+    q, scale = quantize_rows(_randn(301, 40, dtype=torch.float32, seed=15))
+    dequantized = ops.dequantize(q, scale, torch.float64)  # the product in float32, as the spec has it
+    want = REFERENCE.norm_linear(x.double(), norm_w.double(), 1e-6, dequantized).to(dtype)
+    _close(backend.norm_linear(x, norm_w, 1e-6, q, scale), want, dtype)
+    _close(REFERENCE.norm_linear(x, norm_w, 1e-6, q, scale), want, dtype)
+
+
 @pytest.mark.skipif(not NUMBA, reason="numba is not installed")
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["moe-gqa-untied", "dense-mha-tied-projbias"])

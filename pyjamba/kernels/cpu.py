@@ -52,7 +52,7 @@ def linear(
     ):
         return ops.linear(x, weight, bias, scale)
     if scale is not None:
-        native = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and CPU_BF16_MATMUL)
+        native = x.dtype in (torch.float32, torch.float64) or (x.dtype == torch.bfloat16 and CPU_BF16_MATMUL)
         compute = x.dtype if native else torch.float32
         out = linear(x.to(compute), ops.dequantize(weight, scale, compute), _as(bias, compute))
         return out.to(x.dtype)
