@@ -9,7 +9,7 @@ made in a temporary folder unless --tokens names one), in chunks of --seq-len to
 `random`: a preset's shape with random weights (transformers' initialisation, seeded), scored on
 random token ids; there is no text to measure perplexity on, so only the divergence from float32.
 
-For each precision (float32, bfloat16 weights, experts-int8, int8: quantize.py) it prints one JSON
+For each precision (float32, bfloat16 weights, experts-int8, int8, int8-head: quantize.py) it prints one JSON
 line: perplexity (shipped), the mean KL(float32 || precision) of the next-token distributions, and
 the fraction of positions whose likeliest token is float32's. Each precision is built afresh from
 the same weights, one model in memory at a time (a 3B float32 model is 12.8 GB).
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 
 from pyjamba.config import JambaConfig
 from pyjamba.model import JambaForCausalLM
-from pyjamba.quantize import quantize_model
+from pyjamba.quantize import METHODS, quantize_model
 
 ROOT = Path(__file__).resolve().parent.parent
-PRECISIONS = ("float32", "bfloat16", "experts-int8", "int8")
+PRECISIONS = ("float32", "bfloat16", "experts-int8", "int8", "int8-head")
 
 
 def cpu_flags() -> str:
@@ -54,7 +54,7 @@ def convert(model: JambaForCausalLM, precision: str) -> JambaForCausalLM:
     """The model in `precision`, changed in place: bfloat16 weights, or int8 ones (quantize.py)."""
     if precision == "bfloat16":
         return model.to(torch.bfloat16)
-    if precision in ("experts-int8", "int8"):
+    if precision in METHODS:
         return quantize_model(model, precision)
     return model
 
