@@ -249,12 +249,14 @@ def _load_weights(
     device = torch.device(device)
     if config is None:
         config = _read_config(folder)
-    target, dtype_why = resolve_dtype(dtype, config, device)
     if threads is not None:
         torch.set_num_threads(threads)
         threads_why = "asked for"
     else:
         threads_why = "torch's choice"
+    target, dtype_why = resolve_dtype(
+        dtype, config, device
+    )  # after the threads: "auto" is measured with them
     model = JambaForCausalLM.from_pretrained(
         folder, dtype=target, device=device, kernels=kernels, quantize=quantize
     )
