@@ -107,11 +107,10 @@ def auto_dtype(
 
     - Not a CPU: bfloat16 (accelerators multiply it at float32's rate or faster).
     - A CPU: measured (`probe.dtype_speeds`, once per machine). bfloat16 when it decodes at least
-      `_DECODE_GAIN` times as fast as float32 and prefills at least `_PREFILL_KEEP` times as fast, so
-      that auto never decodes slower than float32, nor trades a little decoding for much slower
-      prompts; else float32. (On a 2-core AVX2 EPYC, where a prompt's bfloat16 weights are
-      converted to float32 on every call, bfloat16 prompts measured slower; with AVX512-BF16 or AMX
-      both run faster.)
+      `_DECODE_GAIN` times as fast as float32 and prefills no slower, so that auto never decodes
+      nor prefills slower than float32; else float32. (On a 2-core AVX2 EPYC, where a prompt's
+      bfloat16 weights are converted to float32 on every call, bfloat16 decoded ~1.4-1.6x as fast
+      and prefilled ~0.85-0.9x: float32; with AVX512-BF16 or AMX both run faster: bfloat16.)
       Unless float32 weights would take more than 80% of the available memory (MemAvailable, or
       `available_bytes`) while bfloat16 ones would not: then bfloat16, which at least fits.
 
@@ -123,7 +122,7 @@ def auto_dtype(
 
 
 _DECODE_GAIN = 1.05  # bfloat16 must decode this much faster than float32 (beyond the probe's noise)
-_PREFILL_KEEP = 0.9  # and prefill at least this fraction of float32's speed
+_PREFILL_KEEP = 1.0  # and prefill no slower than float32
 
 
 def _auto(

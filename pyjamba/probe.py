@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ PROBE_CONFIG = dict(
     num_key_value_heads=8, attn_layer_period=8, attn_layer_offset=7, num_experts=1, num_experts_per_tok=1,
     expert_layer_period=1, expert_layer_offset=0, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
 )  # fmt: skip
-PROMPT, STEPS = 128, 8
+PROMPT, STEPS, ROUNDS = 128, 8, 5
 
 
 @dataclass(frozen=True)
@@ -92,20 +93,22 @@ def cache_file() -> Path:
     return Path(base) / "dtype-speeds.json"
 
 
-def _time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    """The best of `repeats` timed calls of fn(), in seconds (after one untimed warm-up)."""
+def _seconds(fn) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
-def measure(config_fields: dict | None = None, prompt: int = PROMPT, steps: int = STEPS) -> DtypeSpeeds:
-    """Run the probe model in float32 and in bfloat16 here (a few seconds) and return the speeds."""
+def measure(
+    config_fields: dict | None = None, prompt: int = PROMPT, steps: int = STEPS, rounds: int = ROUNDS
+) -> DtypeSpeeds:
+    """Run the probe model in float32 and in bfloat16 here (a few seconds) and return the speeds.
+
+    The two alternate, `rounds` times (the order reversed every other round), and each speed is the
+    median over the rounds: a shared machine drifts by tens of percent from second to second, and a
+    decision taken once per machine must not rest on one lucky or unlucky run.
+    """
     from .config import JambaConfig
     from .model import JambaForCausalLM
 
@@ -113,26 +116,32 @@ def measure(config_fields: dict | None = None, prompt: int = PROMPT, steps: int 
     generator = torch.Generator().manual_seed(0)
     base = JambaForCausalLM(config)  # "auto" kernels: what a load with dtype="auto" gets
     base.init_weights(generator)
-    base.eval()
+    models = {"float32": base.eval()}
+    models["bfloat16"] = JambaForCausalLM(config, kernels=base.kernels)
+    models["bfloat16"].load_state_dict(base.state_dict())
+    models["bfloat16"].to(torch.bfloat16).eval()
     ids = torch.randint(0, config.vocab_size, (1, prompt), generator=generator)
-    speeds = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        model = base if dtype == torch.float32 else base.to(dtype)
+    times: dict[str, list[float]] = {
+        f"{phase}_{name}": [] for phase in ("prefill", "decode") for name in models
+    }
+    caches = {}
+    for name, model in models.items():  # warm-up: compiles or loads every kernel the rounds use
+        caches[name] = model.make_cache(1, prompt + (rounds + 1) * steps + 1)
+        model(ids, cache=caches[name], logits_to_keep=1)
+        model(ids[:, -1:], cache=caches[name])
+    for r in range(rounds):
+        for name in models if r % 2 == 0 else reversed(models):
+            model, cache = models[name], caches[name]
+            prefill = lambda: model(ids, cache=model.make_cache(1, prompt), logits_to_keep=1)  # noqa: B023, E731
 
-        def prefill() -> None:
-            model(ids, cache=model.make_cache(1, prompt + steps + 1), logits_to_keep=1)  # noqa: B023
+            def decode() -> None:
+                for _ in range(steps):
+                    model(ids[:, -1:], cache=cache)  # noqa: B023
 
-        cache = model.make_cache(1, prompt + 2 * steps + 4)
-        model(ids, cache=cache, logits_to_keep=1)
-        token = ids[:, -1:]
-
-        def decode() -> None:
-            for _ in range(steps):
-                model(token, cache=cache)  # noqa: B023
-
-        speeds[f"prefill_{name}"] = prompt / _time(prefill, 3)
-        speeds[f"decode_{name}"] = steps / _time(decode, 1)
-    return DtypeSpeeds(**{k: round(v, 1) for k, v in speeds.items()}, machine=_machine())
+            times[f"prefill_{name}"].append(prompt / _seconds(prefill))
+            times[f"decode_{name}"].append(steps / _seconds(decode))
+    speeds = {key: round(statistics.median(values), 1) for key, values in times.items()}
+    return DtypeSpeeds(**speeds, machine=_machine())
 
 
 def dtype_speeds() -> DtypeSpeeds:
