@@ -101,6 +101,18 @@ def kernels(why: str = "") -> Kernels:
                     return decode.gemv(x, weight, bias, scale)
                 # A prompt: dequantized in one pass, then multiplied as float32 (see _dequantize_linear).
                 return _dequantize_linear(x, weight, bias, scale)
+        if (
+            rows > 0
+            and scale is not None
+            and x.dtype == torch.bfloat16
+            and weight.dtype == torch.int8
+            and weight.dim() == 2
+            and _cpu_inference(x, weight)
+        ):
+            # bfloat16 activations (a bfloat16 model's int8 head): the same kernels in float32, as the
+            # fused step runs them; cpu.linear would dequantize the whole weight on every call.
+            out = linear(x.float(), weight, None if bias is None else bias.float(), scale)
+            return out.to(x.dtype)
         return cpu.linear(x, weight, bias, scale)
 
     def _dequantize_linear(
