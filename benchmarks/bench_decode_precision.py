@@ -41,10 +41,11 @@ def _timed(f) -> float:  # type: ignore[no-untyped-def]
 def token_bytes(model: JambaForCausalLM) -> int:
     """Weight bytes one decoding token reads: all but the embedding, 1/E of each expert stack per routed expert."""
     config = model.config
-    tied = config.tie_word_embeddings
+    # The embedding table is read in full only as a tied head (an int8-head model has its own head).
+    head_is_embedding = model.lm_head.weight is model.model.embed_tokens.weight
     total = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name.startswith("model.embed_tokens") and not tied:
+        if name.startswith("model.embed_tokens") and not head_is_embedding:
             continue
         size = t.numel() * t.element_size()
         if ".experts." in name:
