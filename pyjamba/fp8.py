@@ -249,6 +249,17 @@ def _ignore_list(value: Any, field: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _config_groups(qc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """compressed-tensors' config_groups, after refusing the fields no format here supports."""
+    for field in ("sparsity_config", "transform_config", "kv_cache_scheme"):
+        if qc.get(field):
+            raise _fail(f"{field} is not supported (got {qc[field]!r})")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, Mapping) or not groups:
+        raise _fail("config_groups must be a non-empty object of quantization schemes")
+    return groups
+
+
 def _compressed_tensors(qc: Mapping[str, Any]) -> FP8Format:
     fmt = qc.get("format")
     if fmt == _CT_INT_FORMAT:
@@ -258,12 +269,7 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> FP8Format:
             f"compressed-tensors format {fmt!r} is not supported (only {' or '.join(map(repr, _CT_FORMATS))}: "
             f"FP8 weights, or {_CT_INT_FORMAT!r} with int8 per-channel weights)"
         )
-    for field in ("sparsity_config", "transform_config", "kv_cache_scheme"):
-        if qc.get(field):
-            raise _fail(f"{field} is not supported (got {qc[field]!r})")
-    groups = qc.get("config_groups")
-    if not isinstance(groups, Mapping) or not groups:
-        raise _fail("config_groups must be a non-empty object of quantization schemes")
+    groups = _config_groups(qc)
     strategies: set[str] = set()
     blocks: set[tuple[int, int]] = set()
     for name, group in groups.items():
@@ -310,12 +316,7 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> FP8Format:
 def _compressed_int8(qc: Mapping[str, Any]) -> FP8Format:
     """compressed-tensors' int-quantized layout as pyjamba writes it (quantize.py) and llm-compressor's
     W8A16: int8 weights, symmetric, one float scale per output channel, activations unquantized."""
-    for field in ("sparsity_config", "transform_config", "kv_cache_scheme"):
-        if qc.get(field):
-            raise _fail(f"{field} is not supported (got {qc[field]!r})")
-    groups = qc.get("config_groups")
-    if not isinstance(groups, Mapping) or not groups:
-        raise _fail("config_groups must be a non-empty object of quantization schemes")
+    groups = _config_groups(qc)
     for name, group in groups.items():
         where = f"config_groups.{name}"
         weights = group.get("weights") if isinstance(group, Mapping) else None

@@ -102,3 +102,20 @@ def kill_while_replacing(folder: Path, step: str, body: str, *args: str) -> None
         command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
     )
     assert result.returncode == -signal.SIGKILL, result.stderr
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the fused sublayer calls, so that a test knows the fused path ran (or did not)."""
+    from pyjamba.kernels.numba import decode
+
+    counts = {"mamba_step": 0, "attention_step": 0, "mlp_step": 0, "moe_step": 0, "norm_gemv": 0}
+    for name in counts:
+        original = getattr(decode, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(decode, name, counted)
+    return counts

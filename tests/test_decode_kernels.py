@@ -29,23 +29,6 @@ CONFIGS = dict(
 )  # fmt: skip
 
 
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts the fused sublayer calls, so that a test knows the fused path ran (or did not)."""
-    from pyjamba.kernels.numba import decode
-
-    counts = {"mamba_step": 0, "attention_step": 0, "mlp_step": 0, "moe_step": 0, "norm_gemv": 0}
-    for name in counts:
-        original = getattr(decode, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(decode, name, counted)
-    return counts
-
-
 def _decode(model, prompt: torch.Tensor, steps: torch.Tensor) -> tuple[list[torch.Tensor], object]:
     """Prefill `prompt` (B, L), then feed `steps` (B, T) one token at a time; the logits of each step."""
     cache = model.make_cache(prompt.shape[0], 8)

@@ -34,23 +34,6 @@ def numba_kernels():
     return resolve_kernels("numba")
 
 
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts the fused sublayer calls, so that a test knows the fused path ran."""
-    from pyjamba.kernels.numba import decode
-
-    counts = {"mamba_step": 0, "attention_step": 0, "mlp_step": 0, "moe_step": 0}
-    for name in counts:
-        original = getattr(decode, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(decode, name, counted)
-    return counts
-
-
 def _reference(
     x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor
 ) -> torch.Tensor:
