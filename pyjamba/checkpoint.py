@@ -474,11 +474,18 @@ def load_model(
         if aux.endswith("zero_point"):
             zero_points.setdefault(weight, []).append(aux)
 
-    def dequantize_into(key: str, out: torch.Tensor) -> torch.Tensor:
+    def check_zero_points(key: str) -> None:
         assert quant is not None
         try:
             for aux in zero_points.get(key, ()):
                 quant.check_aux(aux, files.mapped(aux))
+        except fp8.FP8FormatError as exc:
+            raise CheckpointError(f"{files.file_of[key]}: {exc}") from None
+
+    def dequantize_into(key: str, out: torch.Tensor) -> torch.Tensor:
+        assert quant is not None
+        check_zero_points(key)
+        try:
             return quant.dequantize_into(out, files.mapped(key), files.mapped(quant.scale_key(key)))
         except fp8.FP8FormatError as exc:
             raise CheckpointError(f"{files.file_of[key]}: {exc}") from None
@@ -512,11 +519,7 @@ def load_model(
             q, scale = quantization.quantize_rows(read(name) if len(keys) == 1 else read_stack(keys))
             return q.to(device), scale.to(device)
         for key in keys:
-            for aux in zero_points.get(key, ()):
-                try:
-                    quant.check_aux(aux, files.mapped(aux))
-                except fp8.FP8FormatError as exc:
-                    raise CheckpointError(f"{files.file_of[key]}: {exc}") from None
+            check_zero_points(key)
         scales = [
             files.mapped(quant.scale_key(k)).to(device=device, dtype=torch.float32).flatten() for k in keys
         ]
