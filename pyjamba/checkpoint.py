@@ -9,7 +9,9 @@ stacked and the checkpoint stores one per expert:
     model.layers.{i}.feed_forward.experts.down_proj  (E, D, I)   ...experts.{j}.down_proj.weight  (D, I)
 
 and a tied head (`tie_word_embeddings`), which transformers leaves out of the file: `lm_head.weight`
-is the embedding. `from_hf` and `to_hf` are that map as pure functions over dicts.
+is the embedding. `from_hf` and `to_hf` are that map as pure functions over dicts. A tied config whose
+files hold an `lm_head.weight` anyway loads tied if it equals the embedding, else untied, as
+transformers 5 does (`_untie_distinct_head`).
 
 `load_model` (and `from_pretrained`, the same for JambaForCausalLM) builds the model on the meta
 device, checks every name, shape and dtype in the files against it, then hands
@@ -440,9 +442,10 @@ def load_model(
         logger.info("dtype auto: %s on %s (%s)", target, torch.device(device), why)
     device = torch.device(device)
     kernels = resolve_kernels(kernels, device)  # "auto": the fastest for the device the weights go to
+    files = _Files(folder)
+    config = _untie_distinct_head(files, config, quant)
     with torch.device("meta"):
         model = model_class(config, kernels=kernels)
-    files = _Files(folder)
     _check(files, model.state_dict(), config, quant)
 
     def is_quantized(key: str) -> bool:  # stored in FP8 or int8, with a scale
@@ -534,13 +537,6 @@ def load_model(
                 stack[j].copy_(files.mapped(key))
         return stack, torch.stack(scales)
 
-    if config.tie_word_embeddings and _HEAD in files.file_of:
-        embed, head = (read(k) if is_quantized(k) else files.mapped(k) for k in (_EMBED, _HEAD))
-        if not torch.equal(embed, head.to(embed.dtype)):
-            raise CheckpointError(
-                f"{files.file_of[_HEAD]}: tensor {_HEAD} differs from {_EMBED}, but {CONFIG_FILE} sets "
-                "tie_word_embeddings: the head would be silently replaced by the embedding"
-            )
     names = [
         n for n in expected if not n.endswith("_scale") and not (n == _HEAD and tied and _HEAD not in int8)
     ]
@@ -577,6 +573,44 @@ def load_model(
         f", {len(int8)} weights in int8" if int8 else "",
     )  # fmt: skip
     return model.eval()
+
+
+def _untie_distinct_head(files: _Files, config: JambaConfig, quant: fp8.FP8Format | None) -> JambaConfig:
+    """The config to build: untied where config.json ties the head but the files hold a different one.
+
+    transformers leaves a tied head out of the files, but some checkpoints carry it anyway (Jamba
+    Reasoning 3B's `lm_head.weight`, with tie_word_embeddings set). Equal to the embedding, it is the
+    tie written out: the head stays tied and the copy is not read. Different, it is a head of its
+    own: the model is loaded untied (tie_word_embeddings false) with both tensors, as transformers 5
+    does ("both are present in the checkpoints with different values, so we will NOT tie them"),
+    rather than silently replacing a trained head by the embedding; a warning says so.
+    """
+    if not (config.tie_word_embeddings and _HEAD in files.file_of and _EMBED in files.file_of):
+        return config
+    if files.shape(_HEAD) != files.shape(_EMBED):
+        return config  # _check names the misshapen head
+
+    quantized = [k for k in (_EMBED, _HEAD) if quant is not None and files.code(k) == quant.weight_code]
+    if any(quant.scale_key(k) not in files.file_of for k in quantized):
+        return config  # _check names the missing scale
+
+    def value(key: str) -> torch.Tensor:
+        if key not in quantized:
+            return files.mapped(key)
+        out = torch.empty(files.shape(key), dtype=torch.float32)
+        try:
+            return quant.dequantize_into(out, files.mapped(key), files.mapped(quant.scale_key(key)))
+        except fp8.FP8FormatError as exc:
+            raise CheckpointError(f"{files.file_of[key]}: {exc}") from None
+
+    embed, head = value(_EMBED), value(_HEAD)
+    if torch.equal(embed, head.to(embed.dtype)):
+        return config
+    logger.warning(
+        "%s: %s differs from %s although %s sets tie_word_embeddings: loading the head untied",
+        files.file_of[_HEAD], _HEAD, _EMBED, CONFIG_FILE,
+    )  # fmt: skip
+    return config.replace(tie_word_embeddings=False)
 
 
 def _read_quantization(folder: Path, config: JambaConfig) -> fp8.FP8Format | None:

@@ -371,14 +371,49 @@ def test_missing_unexpected_and_misshapen_tensors(saved):
     )
 
 
-def test_tied_head_in_the_file_must_equal_the_embedding(tmp_path):
-    model = random_model(dict(ARCHS["moe"], tie_word_embeddings=True))
-    save_pretrained(model, tmp_path)
+@pytest.mark.parametrize("shard", [None, SMALL_SHARD])
+def test_a_tied_config_with_a_head_in_the_files(tmp_path, shard, caplog):
+    """Equal to the embedding, the head in the files is the tie written out; different, it is loaded
+    untied (Jamba Reasoning 3B's checkpoint carries an lm_head.weight with tie_word_embeddings set),
+    with a warning, and the logits are transformers' for the same folder."""
+    model = random_model(dict(ARCHS["dense"], tie_word_embeddings=True))
+    save_pretrained(model, tmp_path, **({"max_shard_size": shard} if shard else {}))
     embed = model.model.embed_tokens.weight.detach()
-    _edit(tmp_path, lambda s: s.update({"lm_head.weight": embed.clone()}))
-    _assert_same_state(from_pretrained(tmp_path), model)
-    _edit(tmp_path, lambda s: s.update({"lm_head.weight": embed + 1}))
-    _load_error(tmp_path, "model.safetensors", "lm_head.weight", "tie_word_embeddings")
+
+    def put_head(head: torch.Tensor) -> None:  # into the single file, or a shard of its own
+        if shard is None:
+            _edit(tmp_path, lambda s: s.update({"lm_head.weight": head}))
+            return
+        save_file({"lm_head.weight": head}, tmp_path / "head.safetensors", metadata={"format": "pt"})
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        index["weight_map"]["lm_head.weight"] = "head.safetensors"
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    put_head(embed.clone())
+    loaded = from_pretrained(tmp_path)
+    assert loaded.config.tie_word_embeddings and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    _assert_same_state(loaded, model)
+
+    head = embed + 0.01 * torch.randn_like(embed)
+    put_head(head)
+    with caplog.at_level("WARNING", logger="pyjamba.checkpoint"):
+        loaded = from_pretrained(tmp_path)
+    assert "loading the head untied" in caplog.text
+    assert not loaded.config.tie_word_embeddings
+    assert torch.equal(loaded.lm_head.weight, head) and torch.equal(loaded.model.embed_tokens.weight, embed)
+    ids = _ids(model.config.vocab_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.JambaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+    # Saved again, it is an ordinary untied checkpoint.
+    save_pretrained(loaded, tmp_path / "again")
+    assert "lm_head.weight" in _keys(tmp_path / "again")
+    assert not json.loads((tmp_path / "again" / "config.json").read_text())["tie_word_embeddings"]
+
+    put_head(embed[:, :-1].clone())
+    _load_error(tmp_path, "lm_head.weight", "shape")
 
 
 def test_empty_or_foreign_weight_files(saved, sharded):

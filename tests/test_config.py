@@ -135,6 +135,17 @@ def test_presets():
         JambaConfig.from_preset("nope")
 
 
+def test_presets_end_turns_as_the_real_models_do():
+    """Jamba 1.5 stops at <|endoftext|> or <|eom|> (518); Jamba2's ChatML at <|im_end|> (519)."""
+    eos = {name: JambaConfig.from_preset(name).eos_token_ids for name in PRESETS}
+    assert eos["jamba-1.5-mini"] == eos["jamba-1.5-large"] == [2, 518]
+    assert eos["jamba2-mini"] == eos["jamba2-3b"] == [519]
+    assert eos["jamba-reasoning-3b"] == [2, 519]
+    reasoning, three_b = JambaConfig.from_preset("jamba-reasoning-3b"), JambaConfig.from_preset("jamba2-3b")
+    assert reasoning.tie_word_embeddings and reasoning.mamba_dt_rank == reasoning.dt_rank == 160
+    assert reasoning.layer_types == three_b.layer_types and reasoning.hidden_size == three_b.hidden_size
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

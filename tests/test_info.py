@@ -36,6 +36,8 @@ def test_jamba_large_params() -> None:
 def test_jamba2_3b_dense() -> None:
     c = preset("jamba2-3b")
     assert 2.9e9 <= acc.total_params(c) <= 3.3e9
+    tied = preset("jamba-reasoning-3b")  # the same, its head the embedding table: 65536 x 2560 fewer
+    assert acc.total_params(c) - acc.total_params(tied) == 65536 * 2560
     assert acc.active_params(c) == acc.total_params(c)
     b = acc.param_breakdown(c)
     assert b["experts"] == b["router"] == 0
