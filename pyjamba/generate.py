@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .cache import HybridCache
+from .cuda_graph import GraphedDecoder
 from .sampling import SamplingError, SamplingParams, check_logits
 
 if TYPE_CHECKING:
@@ -282,6 +283,7 @@ class _Plan:
     stop: StopStrings | None
     generator: torch.Generator | None
     compile: bool
+    cuda_graphs: bool
 
 
 def _integer(name: str, value: Any) -> int:
@@ -308,6 +310,7 @@ def _plan(
     stop_strings: str | Sequence[str] | None = None,
     tokenizer: Tokenizer | None = None,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> _Plan:
     """Check the keyword arguments of `generate` and `stream` (their one signature) into a _Plan.
 
@@ -350,6 +353,8 @@ def _plan(
                 "stop_strings need a pad_token_id to fill finished sequences: pass pad_token_id="
             )
 
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a model on a CUDA device, not on {device.type}")
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if params.seed is not None:
@@ -367,6 +372,7 @@ def _plan(
         stop=stop,
         generator=generator,
         compile=compile,
+        cuda_graphs=bool(cuda_graphs),
     )
 
 
@@ -470,6 +476,15 @@ def _loop(
     generated = torch.empty(batch, steps, dtype=torch.long, device=device)
 
     logits = prefill(model, input_ids, mask, cache)
+    if plan.cuda_graphs and steps > 1:
+        decoder = GraphedDecoder(model, max_batch=batch, max_length=prompt_len + steps, capture=True)
+        decoder.start(cache, mask)
+
+        def step_fn(
+            model: JambaForCausalLM, tokens: torch.Tensor, mask: object, cache: object
+        ) -> torch.Tensor:
+            return decoder.step(tokens)
+
     for step in range(steps):
         tokens = _next_tokens(logits, seen, plan)
         if plan.pad is not None:
@@ -517,6 +532,8 @@ def generate(
         one (needs `tokenizer`); the ids returned include the token that completed it.
     compile: run the decode step through torch.compile (same tokens; compilation on the first call
         costs seconds; docs/benchmarks.md has what it gains).
+    cuda_graphs: replay the decode step from a CUDA graph (cuda_graph.py; a model on a CUDA device,
+        its MoE layers on the triton kernels); the prompt runs eagerly.
     Raises `sampling.NonFiniteLogits` if the model produces NaN or infinite logits.
     """
     input_ids, mask = _check_inputs(model, input_ids, attention_mask)

@@ -261,8 +261,15 @@ class Experts(nn.Module):
 
         `gathered` while (token, expert) pairs seldom share an expert: for one token (none can), and
         for up to E/4 pairs; beyond that, reading each shared expert once (`grouped`) wins, despite
-        its sort and scatter (measured on a CPU: docs/benchmarks.md).
+        its sort and scatter (measured on a CPU: docs/benchmarks.md). A backend's fused MoE
+        (`Kernels.experts`, the triton backend's) takes the call where it can.
         """
+        if self.kernels.experts is not None:
+            stacks = (self.gate_proj, self.up_proj, self.down_proj)
+            scales = (self.gate_proj_scale, self.up_proj_scale, self.down_proj_scale)
+            fused = self.kernels.experts(x, weights, index, *stacks, *scales)
+            if fused is not None:
+                return fused
         if x.shape[0] == 1 or 4 * index.numel() <= self.gate_proj.shape[0]:
             return self.gathered(x, weights, index)
         return self.grouped(x, weights, index)
@@ -458,8 +465,9 @@ def load_balancing_loss(
 class JambaForCausalLM(nn.Module):
     """A Jamba language model: the decoder stack and its language-model head (tied or not).
 
-    `kernels` picks the backend every op runs through ("auto", "torch", "numba", "reference", or a
-    `Kernels`), once, at construction, for `device` (default: the CPU; "auto" takes numba there).
+    `kernels` picks the backend every op runs through ("auto", "torch", "numba", "triton", "reference",
+    or a `Kernels`), once, at construction, for `device` (default: the CPU; "auto" takes numba there,
+    triton on a CUDA device).
     Construction does not initialise the weights (so that building on the meta device is free):
     call `init_weights()` for random ones, or load them with `from_pretrained`.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -9,6 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the triton backend's kernels run in Triton's CPU interpreter (test_triton_kernels):
+    # the variable must be set before triton is first imported, and torch._dynamo imports it while
+    # other test modules are collected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pyjamba import folders
 from pyjamba.testing import PARITY_CONFIGS, random_model, to_transformers
@@ -18,8 +25,6 @@ from pyjamba.testing import PARITY_CONFIGS, random_model, to_transformers
 def _dtype_measurements(tmp_path_factory):
     """dtype="auto" measures this CPU once (probe.py) and keeps the result: here, in a folder of this
     test session (its subprocesses inherit the variable), never in the user's cache."""
-    import os
-
     os.environ["PYJAMBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("pyjamba-cache"))
 
 

@@ -299,7 +299,7 @@ def test_resolve_kernels() -> None:
         "mine", selective_scan=chunked.selective_scan, selective_state_update=chunked.selective_state_update
     )
     assert resolve_kernels(custom) is custom
-    assert set(KERNEL_NAMES) == {"auto", "torch", "numba", "reference"}
+    assert set(KERNEL_NAMES) == {"auto", "torch", "numba", "triton", "reference"}
     with pytest.raises(ValueError, match="unknown kernels"):
         resolve_kernels("triton-please")
 
@@ -310,7 +310,10 @@ def test_auto_resolution_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert kernels.name == ("numba" if NUMBA else "torch")
     assert f"resolved to '{kernels.name}'" in caplog.text
     with caplog.at_level(logging.INFO, logger="pyjamba.kernels"):
-        assert resolve_kernels("auto", device="cuda").name == "torch"  # resolving needs no GPU
+        on_cuda = resolve_kernels("auto", device="cuda")  # resolving needs no GPU
+    assert on_cuda.name == ("torch" if kernels_module.triton_unavailable() else "triton")
+    with caplog.at_level(logging.INFO, logger="pyjamba.kernels"):
+        assert resolve_kernels("auto", device="mps").name == "torch"
     assert "CPU only" in caplog.text
 
 

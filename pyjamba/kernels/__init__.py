@@ -11,7 +11,8 @@ take. Backends:
                projections to MKL or oneDNN by shape; elsewhere PyTorch's own ops
     numba      numba/: fused CPU kernels for float32 inference (the scan, the prompt's norm, conv
                and gate, and the whole one-token step of a layer); needs the `numba` package
-    (triton)   the place for GPU kernels: a module that returns a `Kernels` of its own ops
+    triton     triton/: GPU kernels (the scan forward and backward, its one-token step, the conv,
+               the fused MoE), torch custom ops; CUDA devices only; needs the `triton` package
 
 `resolve_kernels("auto", device)` picks the fastest backend for the device and says why (`.why`);
 asking for one that cannot run raises, it never falls back silently.
@@ -29,11 +30,11 @@ import torch
 
 from . import chunked, cpu, ops, reference
 
-__all__ = ["KERNEL_NAMES", "Kernels", "numba_unavailable", "resolve_kernels"]
+__all__ = ["KERNEL_NAMES", "Kernels", "numba_unavailable", "resolve_kernels", "triton_unavailable"]
 
 logger = logging.getLogger(__name__)
 
-KERNEL_NAMES = ("auto", "torch", "numba", "reference")
+KERNEL_NAMES = ("auto", "torch", "numba", "triton", "reference")
 
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -62,6 +63,9 @@ class Kernels:
     norm_linear(x, norm_weight, eps, weight, scale): the final norm and the head (scale: of an int8 head).
     layer_step(layer, x, attn_mask, pad_mask, cache): a whole Layer's forward in one fused step, or
     None for a call it does not take (then the Layer's own forward runs); None: no fused step.
+    experts(x, weights, index, gate, up, down, gate_scale, up_scale, down_scale): a MoE layer's
+    experts fused (T, D), or None for a call it does not take (then the Experts module's own loop
+    through `linear` and `silu_mul` runs, model.py: the spec); None: no fused MoE.
     why: how the backend came to be chosen (`resolve_kernels`).
     """
 
@@ -76,6 +80,7 @@ class Kernels:
     conv_silu_step: Conv = ops.conv_silu_step
     norm_linear: Callable[..., torch.Tensor] = _norm_linear
     layer_step: Callable[..., Any] | None = None
+    experts: Callable[..., torch.Tensor | None] | None = None
 
 
 def _torch_norm_linear(
@@ -123,12 +128,29 @@ def _numba(why: str) -> Kernels:
     return importlib.import_module(f"{__name__}.numba").kernels(why)
 
 
+def triton_unavailable() -> str | None:
+    """Why the triton kernels cannot be built here, or None if they can (triton imports)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as e:
+        return f"triton is not importable ({e}); install it with `pip install triton` (pyjamba[gpu])"
+    return None
+
+
+def _triton(why: str) -> Kernels:
+    reason = triton_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"kernels='triton' is unavailable: {reason}")
+    return importlib.import_module(f"{__name__}.triton").kernels(why)
+
+
 def resolve_kernels(name: str | Kernels = "auto", device: torch.device | str | None = None) -> Kernels:
     """The backend `name` for a model on `device` (default CPU), with why it was chosen.
 
-    "auto" is "numba" on CPU when numba is importable and its kernels compile, else "torch"; on
-    other devices "torch". The choice, and why, is logged. "numba" raises if numba is missing or
-    the device is not a CPU.
+    "auto" is "numba" on CPU when numba is importable and its kernels compile, else "torch"; on a
+    CUDA device "triton" when triton is importable, else "torch"; elsewhere "torch". The choice, and
+    why, is logged. "numba" raises if numba is missing or the device is not a CPU; "triton" if
+    triton is missing or the device is not a CUDA device.
     """
     if isinstance(name, Kernels):
         return name
@@ -139,11 +161,20 @@ def resolve_kernels(name: str | Kernels = "auto", device: torch.device | str | N
         if device_type != "cpu":
             raise ValueError(f"kernels='numba' runs on CPU only, not on {device_type}")
         return _numba("asked for")
+    if name == "triton":
+        if device_type != "cuda":
+            raise ValueError(f"kernels='triton' runs on CUDA devices only, not on {device_type}")
+        return _triton("asked for")
     if name == "torch":
         return _torch("asked for")
     if name == "reference":
         return _reference("asked for")
-    if device_type != "cpu":
+    if device_type == "cuda":
+        if (reason := triton_unavailable()) is not None:
+            resolved = _torch(f"auto: on {device_type}, but {reason}")
+        else:
+            resolved = _triton(f"auto: the model is on {device_type} and triton is installed")
+    elif device_type != "cpu":
         resolved = _torch(f"auto: the numba kernels run on CPU only, this model is on {device_type}")
     elif (reason := numba_unavailable()) is not None:
         resolved = _torch(f"auto: {reason}")
