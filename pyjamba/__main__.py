@@ -23,6 +23,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "pyjamba.data.cli",
         "clean text, train a BPE tokenizer, tokenize a corpus into memory-mapped arrays",
     ),
+    "paper": (
+        "pyjamba.paper.cli",
+        "the papers' claims measured in miniature: throughput, memory, recall (docs/papers.md)",
+    ),
 }
 
 
