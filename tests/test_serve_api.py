@@ -306,8 +306,8 @@ BAD_REQUESTS = [
     (CHAT, {"messages": OK_MESSAGES, "max_completion_tokens": 1000}, 400, "max_completion_tokens", "max_completion_tokens is 1000"),
     (CHAT, {"messages": OK_MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),
     (CHAT, {"messages": OK_MESSAGES, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs", "between 0 and 20"),
-    (CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
-    (CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    (CHAT, {"messages": OK_MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", "tools[0].function must be"),
+    (CHAT, {"messages": OK_MESSAGES, "response_format": {"type": "yaml"}}, 400, "response_format", "'json_schema'"),
     (CHAT, {"messages": OK_MESSAGES, "model": "other"}, 404, "model", "does not exist"),
     (CHAT, '{"messages": [{"role": "user", "content": "\\udc00"}]}', 400, "messages", "at 'messages[0].content'"),
 ]  # fmt: skip

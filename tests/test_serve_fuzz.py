@@ -77,6 +77,9 @@ messages = (
                     text, st.none(), st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}))
                 ),
                 "name": text,
+                "tool_calls": json_values,
+                "tool_call_id": text,
+                "reasoning_content": text,
             },
         ),
         max_size=4,
@@ -122,6 +125,8 @@ CHAT_FIELDS = {
     "tools": json_values,
     "tool_choice": json_values,
     "response_format": json_values,
+    "documents": json_values,
+    "chat_template_kwargs": json_values,
 }
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from pyjamba.config import JambaConfig
+from pyjamba.data import CHATML_TEMPLATE
 from pyjamba.runtime import SHIPPED_MODEL, load
 
 
@@ -23,6 +24,11 @@ def test_it_is_a_small_hybrid_with_its_card_and_tokenizer():
     card = (SHIPPED_MODEL / "README.md").read_text()
     assert "val perplexity" in card and "recipes/austen.toml" in card
     assert json.loads((SHIPPED_MODEL / "generation_config.json").read_text())["do_sample"] is True
+    # The template the tokenizer trainer writes (data/chatml.jinja) is the one shipped: a model trained
+    # again from the recipe keeps function calling.
+    assert (
+        json.loads((SHIPPED_MODEL / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
+    )
 
 
 def test_greedy_continuation_is_english_words():

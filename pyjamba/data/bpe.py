@@ -30,15 +30,10 @@ logger = logging.getLogger(__name__)
 PAD, BOS, EOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, IM_START, IM_END)
 
-# ChatML: every turn is `<|im_start|>{role}\n{content}<|im_end|>\n`, after one BOS. The template
-# writes BOS itself because chat templates are encoded without adding special tokens.
-CHATML_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# ChatML: every turn is `<|im_start|>{role}\n{content}<|im_end|>\n`, after one BOS; with tools, Jamba2's
+# function calling (chatml.jinja says how). The template writes BOS itself because chat templates are
+# encoded without adding special tokens.
+CHATML_TEMPLATE = (Path(__file__).parent / "chatml.jinja").read_text(encoding="utf-8")
 
 _FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 

@@ -106,6 +106,8 @@ class ServerState:
             return 503, {"status": "failed", "error": engine.error or "the engine is not running"}
         status = "draining" if self.draining else "ok"
         body = {"status": status, "slots": engine.slots, "slots_in_use": engine.slots_in_use}
+        if engine.prefix_cache is not None:
+            body["prefix_cache"] = engine.prefix_cache.stats()
         return (503 if self.draining else 200), {**body, "queue_length": engine.queue_length}
 
     def serving(self) -> Backend:

@@ -25,6 +25,7 @@ from ..config import ConfigError
 from ..runtime import ModelNotFoundError
 from ..tokenizer import TokenizerError
 from .app import Backend, ServerState, Settings, create_app
+from .constrain import compiler_for
 from .engine import Engine
 
 __all__ = ["main"]
@@ -47,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
         "--prefill-chunk", type=int, default=128, help="prompt tokens per prefill step (default 128)"
     )
     p.add_argument(
+        "--prefix-block",
+        type=int,
+        help="prompt tokens per prefix-cache block, a multiple of --prefill-chunk (default: the chunk, "
+        "at least 64)",
+    )
+    p.add_argument(
+        "--prefix-cache-mib",
+        type=float,
+        help="memory for the prefix cache, in MiB; 0 turns it off (default: 1/8 of the memory "
+        "available, at most 2048)",
+    )
+    p.add_argument(
         "--max-queue", type=int, default=64, help="sequences waiting for a slot before 429 (default 64)"
     )
     p.add_argument(
@@ -64,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("port", "slots", "prefill_chunk", "max_queue", "max_context", "threads"):
+    for name in ("port", "slots", "prefill_chunk", "prefix_block", "max_queue", "max_context", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -72,6 +85,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-context must be at least 2, got {args.max_context}")
     if not args.max_body_mib > 0:
         raise ValueError(f"--max-body-mib must be positive, got {args.max_body_mib}")
+    if args.prefix_cache_mib is not None and not args.prefix_cache_mib >= 0:
+        raise ValueError(f"--prefix-cache-mib must be 0 (off) or positive, got {args.prefix_cache_mib}")
+    if args.prefix_block is not None and args.prefix_block % args.prefill_chunk:
+        raise ValueError(
+            f"--prefix-block ({args.prefix_block}) must be a multiple of --prefill-chunk "
+            f"({args.prefill_chunk}): cached prefixes end where prefill chunks end"
+        )
 
 
 def _backend(folder: Path, args: argparse.Namespace) -> Backend:
@@ -88,7 +108,15 @@ def _backend(folder: Path, args: argparse.Namespace) -> Backend:
         prefill_chunk=args.prefill_chunk,
         max_queue=args.max_queue,
         max_context=args.max_context,
+        prefix_block=args.prefix_block,
+        prefix_cache_bytes=None if args.prefix_cache_mib is None else int(args.prefix_cache_mib * 2**20),
     )
+    if engine.prefix_cache is not None:
+        cache = engine.prefix_cache
+        logger.info("prefix cache: blocks of %d tokens, up to %.0f MiB", cache.block, cache.capacity / 2**20)
+    # The grammar library's view of the vocabulary (seconds for a 65K one): built while /health still
+    # says "loading", not in the first structured-output request.
+    compiler_for(loaded.tokenizer, engine.vocab_size)
     # A request's sampling settings default to those generation_config.json sets.
     defaults = {k: v for k, v in loaded.defaults.items() if k in _SAMPLING_DEFAULTS}
     name = args.served_model_name or folder.name

@@ -10,6 +10,9 @@ slots between steps), the slots (slots.py), and the step loop. Each step:
    own length, and samples each row with its own settings (sampling.py).
 
 A sequence ends at an end-of-sequence token ("stop"), at `max_tokens` ("length"), or when cancelled.
+A sequence with a structured output (`constraint`, constrain.py) samples only tokens its grammar
+allows (the masks of a decode batch's constrained rows filled together) and ends ("stop") as soon
+as the grammar is complete and admits nothing more.
 Token ids in, token ids out: text (detokenizing, stop strings) is the server's business.
 
 Failures are contained where they belong. Whatever raises for one sequence (building its sampler at
@@ -40,6 +43,8 @@ from typing import Protocol
 import torch
 
 from ..model import JambaForCausalLM
+from .constrain import Matcher, allowed_tokens
+from .prefix_cache import PrefixCache, default_capacity, model_namespace
 from .sampling import Sampler, SamplingParams, TokenLogprob, logprobs_of
 from .slots import SlotPool
 
@@ -111,6 +116,9 @@ class Observer(Protocol):
     def prompt_tokens(self, count: int) -> None: ...
     def generated_token(self, first: bool, seconds: float) -> None: ...
     def step(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None: ...
+    def prefix_lookup(self, reused_tokens: int) -> None: ...
+    def prefix_shared(self, tokens: int) -> None: ...
+    def prefix_cache_size(self, entries: int, nbytes: int, capacity: int) -> None: ...
 
 
 # ---- a sequence -------------------------------------------------------------------------------
@@ -128,6 +136,7 @@ class Sequence:
     stop_tokens: frozenset[int] = frozenset()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    constraint: Matcher | None = None  # a structured output's grammar (constrain.py): masks every token
     # The engine's bookkeeping.
     slot: int | None = field(default=None, repr=False)
     prefilled: int = field(default=0, repr=False)
@@ -156,6 +165,8 @@ class Engine:
         observer: Observer | None = None,
         after_step: Callable[[], None] | None = None,
         max_model_failures: int = 3,
+        prefix_block: int | None = None,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         if max_model_failures < 1:
             raise ValueError(f"max_model_failures must be at least 1, got {max_model_failures}")
@@ -177,6 +188,8 @@ class Engine:
         self.model_failures = 0  # in a row
         self.device = model.lm_head.weight.device
         self.pool = self._new_pool(slots)
+        self.prefix_cache = self._new_prefix_cache(prefix_block, prefix_cache_bytes)
+        self._prefix_keys: dict[Sequence, list[bytes]] = {}  # a prefilling sequence's block keys
         self.error: str | None = None
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -188,6 +201,26 @@ class Engine:
         weight = self.model.model.final_layernorm.weight  # the model's dtype (an int8 head is not)
         capacity = min(256, self.max_context)
         return SlotPool(self.model.config, slots, capacity=capacity, dtype=weight.dtype, device=weight.device)
+
+    def _new_prefix_cache(self, block: int | None, capacity: int | None) -> PrefixCache | None:
+        """The prefix cache (None when `capacity` is 0). Its blocks end on prefill chunk boundaries
+        (`block` a multiple of `prefill_chunk`, by default the chunk, at least 64 tokens), and every
+        chunk starts at a multiple of the chunk whether a sequence resumed or not: a resumed prompt
+        runs the very same forward calls as a fresh one, so its results are the same to the bit."""
+        if block is None:
+            block = self.prefill_chunk * -(-64 // self.prefill_chunk)
+        if block < 1 or block % self.prefill_chunk:
+            raise ValueError(
+                f"the prefix block ({block} tokens) must be a positive multiple of the prefill chunk "
+                f"({self.prefill_chunk} tokens), so that cached prefixes end where prefill chunks end"
+            )
+        if capacity is None:
+            capacity = default_capacity(self.device)
+        if capacity < 0:
+            raise ValueError(f"the prefix cache size must not be negative, got {capacity} bytes")
+        if capacity == 0:
+            return None
+        return PrefixCache(block, capacity, model_namespace(self.model))
 
     # ---- any thread -----------------------------------------------------------------------
 
@@ -318,6 +351,7 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         self._running.remove(seq)
+        self._prefix_keys.pop(seq, None)
         if seq.slot is not None:
             self.pool.release(seq.slot)
             seq.slot = None
@@ -426,13 +460,20 @@ class Engine:
             raise RuntimeError(f"the model step failed {self.model_failures} times in a row; last: {exc}")
 
     def _prefill(self, seq: Sequence) -> int:
-        """Feed the next chunk of a prompt (returns its length); after the last one, sample the first token."""
+        """Feed the next chunk of a prompt (returns its length); after the last one, sample the first
+        token, and that of every sequence waiting with the same prompt (`_share_prefill`).
+
+        A sequence's first chunk starts after the longest prefix of its prompt in the prefix cache,
+        and every block boundary it reaches is saved there. Chunks start at multiples of the chunk."""
+        if seq.prefilled == 0:
+            self._resume(seq)
         start = seq.prefilled
         chunk = seq.prompt[start : start + self.prefill_chunk]
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, L)
         keep = 0 if seq.prompt_logprobs is not None else 1  # all positions only when scoring the prompt
         logits = self._forward([seq.slot], ids, logits_to_keep=keep)[0]  # (L or 1, V)
         seq.prefilled += len(chunk)
+        self._save_prefix(seq)
         if seq.prompt_logprobs is not None:
             try:
                 self._emit(seq, PromptLogprobs(self._prompt_logprobs(seq, start, len(chunk), logits)))
@@ -442,12 +483,76 @@ class Engine:
                 return len(chunk)
         if seq.prefilled < len(seq.prompt):
             return len(chunk)
-        self._observe(lambda: self.observer.prompt_tokens(len(seq.prompt)))
-        if seq.max_tokens == 0:
-            self._finish(seq, "length")
-        else:
-            self._accept(seq, logits[-1:])
+        for each in [seq, *self._share_prefill(seq)]:
+            self._observe(lambda: self.observer.prompt_tokens(len(seq.prompt)))  # the same prompt
+            if each.max_tokens == 0:
+                self._finish(each, "length")
+            else:
+                # Each its own copy: a sampler (or a logits mask) may change the row it is given.
+                self._accept(each, logits[-1:] if each is seq else logits[-1:].clone())
         return len(chunk)
+
+    def _resume(self, seq: Sequence) -> None:
+        """Restore the longest cached prefix of the sequence's prompt into its slot, leaving at least
+        one token to prefill (the first generated token needs its logits); a prompt to be scored
+        (prompt logprobs) needs every position's logits, so it starts from scratch."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        keys = self._prefix_keys[seq] = cache.hashes(seq.prompt)
+        if seq.prompt_logprobs is not None:
+            return
+        parts = cache.lookup(keys[: (len(seq.prompt) - 1) // cache.block])
+        reused = parts[-1].end if parts else 0
+        self._observe(lambda: self.observer.prefix_lookup(reused))
+        if not parts:
+            return
+        try:
+            self.pool.restore(seq.slot, parts)
+        except Exception as exc:  # the slot (or the pool, if it was growing) is half-written
+            raise ModelStepFailed(f"restoring a cached prefix failed: {type(exc).__name__}: {exc}") from exc
+        seq.prefilled = reused
+        logger.debug("prefix cache: resumed at %d of %d prompt tokens", reused, len(seq.prompt))
+
+    def _save_prefix(self, seq: Sequence) -> None:
+        """At a block boundary, keep the sequence's state in the prefix cache: the keys/values of the
+        block just read and the Mamba states. A failure (memory) loses the entry, nothing else."""
+        cache = self.prefix_cache
+        keys = self._prefix_keys.get(seq)
+        if cache is None or keys is None or seq.prefilled % cache.block:
+            return
+        blocks = keys[: seq.prefilled // cache.block]
+        if blocks[-1] in cache:
+            return
+        try:
+            cache.insert(blocks, self.pool.save(seq.slot, start=seq.prefilled - cache.block))
+        except Exception:
+            logger.exception("could not save a prefix in the prefix cache")
+            return
+        self._observe(lambda: self.observer.prefix_cache_size(len(cache), cache.nbytes, cache.capacity))
+
+    def _share_prefill(self, seq: Sequence) -> list[Sequence]:
+        """Running sequences that wait with the same prompt as `seq` (the other choices of its request,
+        or another request's) and want no prompt logprobs: they take a copy of its slot, prefilled."""
+        sharing = [
+            s
+            for s in self._running
+            if s is not seq
+            and s.prefilled == 0
+            and s.slot is not None
+            and not s.cancelled
+            and s.prompt_logprobs is None
+            and s.prompt == seq.prompt
+        ]
+        for other in sharing:
+            try:
+                self.pool.copy(seq.slot, other.slot)
+            except Exception as exc:
+                raise ModelStepFailed(f"copying a prefilled slot failed: {exc!r}") from exc
+            other.prefilled = len(other.prompt)
+        if sharing:
+            self._observe(lambda: self.observer.prefix_shared(len(seq.prompt) * len(sharing)))
+        return sharing
 
     @staticmethod
     def _prompt_logprobs(
@@ -466,16 +571,36 @@ class Engine:
         """One token for each sequence, all in one forward call."""
         tokens = torch.tensor([[s.next_token] for s in seqs], dtype=torch.long, device=self.device)  # (B, 1)
         logits = self._forward([s.slot for s in seqs], tokens)[:, -1]  # (B, V)
+        allowed = self._allowed(seqs)
         for row, seq in enumerate(seqs):
             seq.next_token = None
-            self._accept(seq, logits[row : row + 1])
+            self._accept(seq, logits[row : row + 1], allowed.get(row))
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample the sequence's next token from its logits (1, V), report it, and end it if it is done.
+    def _allowed(self, seqs: list[Sequence]) -> dict[int, torch.Tensor]:
+        """The structured-output masks of a batch's constrained rows, filled together: {row: (1, V) bool}."""
+        rows = [(row, seq) for row, seq in enumerate(seqs) if seq.constraint is not None]
+        if not rows:
+            return {}
+        try:
+            masks = allowed_tokens([(seq.constraint, seq.stop_tokens) for _, seq in rows], self.vocab_size)
+        except Exception:  # each row then fills its own in _accept, and fails alone if that raises
+            logger.exception("filling a batch's structured-output masks failed")
+            return {}
+        return {row: masks[i : i + 1] for i, (row, _) in enumerate(rows)}
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> None:
+        """Sample the sequence's next token from its logits (1, V), within its structured output's
+        mask `allowed` (1, V) (filled here when not given), report it, and end it if it is done.
         Anything that raises here belongs to this sequence alone: it fails, the batch goes on."""
         try:
-            token = seq.sampler(logits)
+            if seq.constraint is not None and allowed is None:
+                allowed = allowed_tokens([(seq.constraint, seq.stop_tokens)], self.vocab_size)
+            token = seq.sampler(logits) if allowed is None else seq.sampler(logits, allowed)
             seq.sampler.observe(token)
+            complete = False  # the structured output admits nothing more: the sequence ends
+            if seq.constraint is not None and token not in seq.stop_tokens:
+                seq.constraint.accept(token)
+                complete = seq.constraint.finished
             logprob = None
             if seq.logprobs is not None:
                 logprob = logprobs_of(logits, torch.tensor([token], device=logits.device), seq.logprobs)[0]
@@ -490,7 +615,7 @@ class Engine:
         self._observe(lambda: self.observer.generated_token(first, waited))
         seq.last_token_at = now
         self._emit(seq, Token(token, logprob))
-        if token in seq.stop_tokens:
+        if token in seq.stop_tokens or complete:
             self._finish(seq, "stop")
         elif seq.generated >= seq.max_tokens:
             self._finish(seq, "length")

@@ -112,9 +112,10 @@ class Job:
                         stop_tokens=stop_tokens,
                         logprobs=plan.logprobs,
                         prompt_logprobs=plan.prompt_logprobs,
+                        constraint=None if plan.constraint is None else plan.constraint.matcher(),
                     )
                 )
-                self.texts.append(ChoiceText(tokenizer, plan.stop, stop_tokens))
+                self.texts.append(ChoiceText(tokenizer, plan.stop, stop_tokens, plan.skip_special_tokens))
 
     @property
     def prompt_tokens(self) -> int:

@@ -3,7 +3,8 @@
 Counters of requests (by endpoint and status), prompt and generated tokens, engine steps; gauges of
 the queue and the slots, read from the engine when scraped; histograms of time to first token,
 inter-token latency, step duration and decode batch size, observed by the engine thread
-(prometheus_client is thread-safe).
+(prometheus_client is thread-safe); the prefix cache's lookups, hits, prompt tokens it saved, entries
+and bytes held, and the prompt tokens saved by choices that share their request's prefill.
 """
 
 from __future__ import annotations
@@ -62,6 +63,28 @@ class Metrics:
             registry=r,
         )
 
+        self.prefix_queries = Counter(
+            "pyjamba_prefix_cache_queries", "Prompts looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "pyjamba_prefix_cache_hits", "Prompts that resumed from a cached prefix", registry=r
+        )
+        self.prefix_tokens_saved = Counter(
+            "pyjamba_prefix_cache_tokens_saved", "Prompt tokens restored from the prefix cache", registry=r
+        )
+        self.prefix_entries = Gauge(
+            "pyjamba_prefix_cache_entries", "Blocks held by the prefix cache", registry=r
+        )
+        self.prefix_bytes = Gauge("pyjamba_prefix_cache_bytes", "Bytes held by the prefix cache", registry=r)
+        self.prefix_capacity = Gauge(
+            "pyjamba_prefix_cache_capacity_bytes", "Most bytes the prefix cache may hold", registry=r
+        )
+        self.shared_tokens_saved = Counter(
+            "pyjamba_shared_prefill_tokens_saved",
+            "Prompt tokens not prefilled because a sequence with the same prompt had just read them",
+            registry=r,
+        )
+
     def bind(self, queue_length: Callable[[], float], slots_in_use: Callable[[], float], slots: int) -> None:
         self.queue_length.set_function(queue_length)
         self.slots_in_use.set_function(slots_in_use)
@@ -82,6 +105,20 @@ class Metrics:
         self.steps.inc()
         self.step_seconds.observe(seconds)
         self.batch_size.observe(decode_rows)
+
+    def prefix_lookup(self, reused_tokens: int) -> None:
+        self.prefix_queries.inc()
+        if reused_tokens:
+            self.prefix_hits.inc()
+            self.prefix_tokens_saved.inc(reused_tokens)
+
+    def prefix_shared(self, tokens: int) -> None:
+        self.shared_tokens_saved.inc(tokens)
+
+    def prefix_cache_size(self, entries: int, nbytes: int, capacity: int) -> None:
+        self.prefix_entries.set(entries)
+        self.prefix_bytes.set(nbytes)
+        self.prefix_capacity.set(capacity)
 
     def render(self) -> bytes:
         """The Prometheus text format."""

@@ -4,18 +4,31 @@ Every rule a request can break is checked here, before anything reaches the engi
 `APIError` (400) that names the parameter and the value. Settings a request leaves out fall back to
 the model's `generation_config.json` (temperature, top_p, top_k, min_p, repetition_penalty, as vLLM
 does), then to OpenAI's defaults. `max_tokens` 0 is accepted only with `echo`: it scores the prompt.
+A structured output (`response_format`, a `guided_*` extra, a forced tool call) is compiled here
+(constrain.py), so an invalid schema or regex is a 400 before anything is queued.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..sampling import SamplingError, SamplingParams
 from ..tokenizer import ChatTemplateError, Tokenizer, TokenizerError
+from .chat_output import CITATIONS_CLOSE, CITATIONS_OPEN, THINK_CLOSE, THINK_OPEN, OutputSpec
+from .constrain import (
+    Constraint,
+    ConstraintError,
+    Spec,
+    compiler_for,
+    spec_from_guided,
+    spec_from_response_format,
+    tool_call_spec,
+)
 from .errors import APIError
 from .schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from .tools import ToolError, ToolFormat, check_tool_choice, check_tools, history_tool_calls, tool_format
 
 __all__ = ["Limits", "Plan", "Prompt", "chat_plan", "completion_plan"]
 
@@ -52,6 +65,13 @@ class Plan:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False
+    constraint: Constraint | None = None  # a structured output: each choice takes its own matcher
+    # Chat: the checked tools and tool_choice ("none", "auto", "required" or a named function), and
+    # what chat_output.py splits out of each choice's text.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "none"
+    output: OutputSpec | None = None
+    skip_special_tokens: bool = True  # False where a tag the output is split at is a special token
 
     @property
     def choices(self) -> int:
@@ -159,6 +179,60 @@ def _max_tokens(
     return given
 
 
+def _constraint(
+    req: _Sampling,
+    tokenizer: Tokenizer,
+    limits: Limits,
+    tool_call: Spec | None = None,
+    after: str | None = None,
+) -> Constraint | None:
+    """The request's structured output compiled (cached by spec): `response_format`, a `guided_*`
+    extra, or a forced tool call, at most one of them; with `after` (a reasoning model's
+    `</think>`), free text first, the format after that tag."""
+    try:
+        guided = spec_from_guided(req.guided_json, req.guided_regex, req.guided_choice, req.guided_grammar)
+        specs = [s for s in (spec_from_response_format(req.response_format), guided, tool_call) if s]
+        if not specs:
+            return None
+        if len(specs) > 1:
+            raise ConstraintError(
+                f"one output format per request: {' and '.join(s.param for s in specs)} both set one",
+                specs[1].param,
+            )
+        compiler = compiler_for(tokenizer, limits.vocab_size)
+        spec = specs[0]
+        if after is not None:
+            if after not in compiler.special_tokens([after]):
+                raise ConstraintError(
+                    f"this model thinks before it answers, and its {after!r} is not a special token: "
+                    "the output format cannot be held back until the answer",
+                    spec.param,
+                )
+            spec = replace(spec, after=after)
+        return compiler.compile(spec)
+    except ConstraintError as exc:
+        raise _bad(str(exc), exc.param, "invalid_output_format") from exc
+
+
+def _forced_tool_call(
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any],
+    parallel: bool,
+    form: ToolFormat | None,
+    tokenizer: Tokenizer,
+    limits: Limits,
+) -> Spec | None:
+    """With `tool_choice` (checked) "required" or naming a function, the grammar of a valid call in
+    the model's tool format `form` (several calls when `parallel`); None otherwise."""
+    if tool_choice in ("none", "auto") or form is None:
+        return None
+    special = compiler_for(tokenizer, limits.vocab_size).special_tokens([form.open, form.close])
+    try:
+        return tool_call_spec(tools or [], tool_choice, form, special, parallel=parallel)
+    except ConstraintError as exc:
+        raise _bad(str(exc), exc.param) from exc
+
+
 # ---- completions ------------------------------------------------------------------------------
 
 _PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
@@ -216,6 +290,7 @@ def completion_plan(
         raise _bad(f"logprobs must be between 0 and {limits.max_logprobs}, got {req.logprobs}", "logprobs")
     stop = _stop(req, limits)
     params = _sampling(req, defaults, limits.vocab_size)
+    constraint = _constraint(req, tokenizer, limits)
     prompts = _prompts(req.prompt, tokenizer, limits.vocab_size)
     max_tokens = [
         _max_tokens(
@@ -234,22 +309,85 @@ def completion_plan(
         echo=req.echo,
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        constraint=constraint,
     )
 
 
 # ---- chat -------------------------------------------------------------------------------------
 
 
+# What a request's chat_template_kwargs may not set: the template's own inputs.
+_TEMPLATE_INPUTS = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "tokenize", "chat_template"}
+)
+
+
+def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The history as the template takes it (transformers' form): tool calls with their arguments
+    as objects, tool answers with the id of their call."""
+    messages = []
+    for i, message in enumerate(req.messages):
+        where = f"messages[{i}]"
+        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.name is not None:
+            entry["name"] = message.name
+        if message.tool_calls is not None:
+            if message.role != "assistant":
+                raise _bad(
+                    f"{where}: only assistant messages carry tool_calls, not {message.role!r}", "messages"
+                )
+            try:
+                entry["tool_calls"] = history_tool_calls(message.tool_calls, where)
+            except ToolError as exc:
+                raise _bad(str(exc), exc.param) from exc
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                raise _bad(
+                    f"{where}: a tool message needs the tool_call_id of the call it answers", "messages"
+                )
+            entry["tool_call_id"] = message.tool_call_id
+        if message.reasoning_content is not None:
+            entry["reasoning_content"] = message.reasoning_content
+        messages.append(entry)
+    return messages
+
+
+def _documents(documents: list[Any] | None) -> list[dict[str, Any]] | None:
+    """vLLM's `documents`: objects with a `text` (a `title` and other fields as the template uses them)."""
+    if documents is None:
+        return None
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+            raise _bad(
+                f'documents[{i}] must be an object with a string "text" (and a "title"), got {doc!r}',
+                "documents",
+            )
+        if "title" in doc and not isinstance(doc["title"], str):
+            raise _bad(f"documents[{i}].title must be a string, got {doc['title']!r}", "documents")
+    return documents
+
+
+def _template_context(req: ChatCompletionRequest) -> dict[str, Any]:
+    """vLLM's `chat_template_kwargs`: more variables for the template (a mode, a knob)."""
+    kwargs = req.chat_template_kwargs or {}
+    taken = sorted(_TEMPLATE_INPUTS & kwargs.keys())
+    if taken:
+        raise _bad(
+            f"chat_template_kwargs cannot set {', '.join(taken)}: the request's own fields do",
+            "chat_template_kwargs",
+        )
+    return kwargs
+
+
 def chat_plan(
     req: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits, defaults: dict[str, Any]
 ) -> Plan:
     _common(req, limits)
-    if req.tools:
-        raise _bad("tools are not supported", "tools")
-    if req.tool_choice not in (None, "none"):
-        raise _bad("tool_choice is not supported", "tool_choice")
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise _bad("response_format other than {'type': 'text'} is not supported", "response_format")
+    try:
+        tools = None if req.tools is None else check_tools(req.tools)
+        tool_choice = check_tool_choice(req.tool_choice, tools)
+    except ToolError as exc:
+        raise _bad(str(exc), exc.param) from exc
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
@@ -262,16 +400,23 @@ def chat_plan(
     params = _sampling(req, defaults, limits.vocab_size)
     if not req.messages:
         raise _bad("messages is empty: a chat needs at least one message", "messages")
-    messages = []
-    for message in req.messages:
-        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
-        if message.name is not None:
-            entry["name"] = message.name
-        messages.append(entry)
+    messages = _chat_messages(req)
     if tokenizer.chat_template is None:
         raise _bad("this model has no chat template: use /v1/completions", "messages", "no_chat_template")
+    template = tokenizer.chat_template
+    form = tool_format(template) if tool_choice != "none" else None
+    if tool_choice != "none" and (form is None or "tools" not in template):
+        raise _bad("this model's chat template does not render tools: it cannot call them", "tools")
+    context = _template_context(req)
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        text = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tools=tools if tool_choice != "none" else None,  # as vLLM with tools excluded on "none"
+            documents=_documents(req.documents),
+            **context,
+        )
+        ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
     except ChatTemplateError as exc:  # names the template; a template is code and can fail any way
         raise _bad(
             f"the messages do not fit the model's chat template: {exc}", "messages", "chat_template_error"
@@ -283,6 +428,17 @@ def chat_plan(
     given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(given, len(ids), limits, allow_zero=False, param=param, what="messages")
+    output = OutputSpec(
+        tools=form,
+        reasoning=text.rstrip().endswith(THINK_OPEN),
+        citations=CITATIONS_OPEN in template,
+    )
+    forced_call = _forced_tool_call(tools, tool_choice, req.parallel_tool_calls, form, tokenizer, limits)
+    # A model that thinks first gets its format after `</think>`.
+    after = THINK_CLOSE if output.reasoning else None
+    constraint = _constraint(req, tokenizer, limits, forced_call, after=after)
+    tags = [THINK_OPEN, THINK_CLOSE] + ([form.open, form.close] if form else [])
+    tags += [CITATIONS_OPEN, CITATIONS_CLOSE] if output.citations else []
     return Plan(
         prompts=[Prompt(ids, "")],
         n=req.n,
@@ -292,4 +448,9 @@ def chat_plan(
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        constraint=constraint,
+        tools=tools,
+        tool_choice=tool_choice,
+        output=output,
+        skip_special_tokens=not any(tokenizer.token_to_id(tag) in tokenizer.special_ids for tag in tags),
     )

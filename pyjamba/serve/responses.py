@@ -6,6 +6,13 @@ sampling settings, as vLLM reports them). Legacy completions list, per token, it
 logprob, a dict of the best alternatives (the chosen token included, so up to k + 1 entries) and
 its offset in the returned text; with `echo` the prompt's tokens come first, the first one with
 null logprob. Chat lists, per generated token, the token, logprob, UTF-8 bytes and the k best.
+
+A chat choice's text goes through chat_output.py: its reasoning, tool calls and citations become
+fields of the message (`reasoning_content`, `tool_calls`, `citations`, each present only when the
+text has it) and of the stream's deltas. A tool call is streamed as OpenAI does, in two deltas: its
+index, id, type and name with empty arguments, then its arguments; a choice that called a tool
+finishes with "tool_calls", unless max_tokens cut it short: then "length", so that a client can tell a
+truncated answer (a call cut in the middle stays in `content`, unparsed).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import AsyncIterator
 from pydantic import BaseModel
 
 from ..tokenizer import Tokenizer
+from .chat_output import ChatOutput, Delta, OutputSpec
 from .errors import APIError
 from .job import Job, Update
 from .requests import Plan
@@ -33,6 +41,8 @@ from .schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    FunctionCall,
+    ToolCallOut,
     TopLogprob,
     Usage,
 )
@@ -235,30 +245,77 @@ def _chat_logprobs(token_text: _TokenText, pairs: list[tuple[TokenLogprob, int]]
     return ChoiceLogprobs(content=content)
 
 
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _outputs(plan: Plan) -> list[ChatOutput]:
+    return [ChatOutput(plan.output or OutputSpec()) for _ in range(plan.choices)]
+
+
+def _chat_finish(reason: str | None, output: ChatOutput) -> str | None:
+    return "tool_calls" if reason not in (None, "length") and output.tool_calls else reason
+
+
+def _message(output: ChatOutput) -> dict:
+    """The message of a finished choice; the fields it has no value for are left out, `content` never."""
+    calls = [
+        ToolCallOut(id=_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in output.tool_calls
+    ]
+    message = AssistantMessage(
+        content=output.message_content(),
+        reasoning_content=output.reasoning,
+        tool_calls=calls or None,
+        citations=output.citations or None,
+    )
+    return {"content": None, **message.model_dump(exclude_none=True)}
+
+
 async def chat_completion(job: Job, plan: Plan, tokenizer: Tokenizer, model: str) -> dict:
     """The whole answer of /v1/chat/completions."""
     token_text = _TokenText(tokenizer)
-    texts = [""] * plan.choices
+    outputs = _outputs(plan)
     logprobs = [[] for _ in range(plan.choices)]
     finish: list[str | None] = [None] * plan.choices
     async for update in job.updates():
-        texts[update.index] += update.text
+        outputs[update.index].push(update.text)
         logprobs[update.index] += update.logprobs
         if update.finish_reason is not None:
             finish[update.index] = update.finish_reason
+    for output in outputs:
+        output.finish()
     choices = [
         ChatChoice(
             index=i,
-            message=AssistantMessage(content=texts[i]),
+            message=AssistantMessage(content=None),  # replaced by the whole message below
             logprobs=_chat_logprobs(token_text, logprobs[i]) if plan.logprobs is not None else None,
-            finish_reason=finish[i],
+            finish_reason=_chat_finish(finish[i], outputs[i]),
         )
         for i in range(plan.choices)
     ]
     body = ChatCompletion(
         id=new_id("chatcmpl"), created=int(time.time()), model=model, choices=choices, usage=_usage(job)
-    )
-    return body.model_dump()
+    ).model_dump()
+    for choice, output in zip(body["choices"], outputs, strict=True):
+        choice["message"] = _message(output)
+    return body
+
+
+def _deltas(delta: Delta) -> list[dict]:
+    """A chat delta as the stream's delta objects: text, then each new call in OpenAI's two pieces,
+    then the citations."""
+    out = []
+    text = {k: v for k, v in (("reasoning_content", delta.reasoning), ("content", delta.content)) if v}
+    if text:
+        out.append(text)
+    for index, call in delta.tool_calls:
+        head = {"index": index, "id": _call_id(), "type": "function"}
+        out.append({"tool_calls": [{**head, "function": {"name": call.name, "arguments": ""}}]})
+        out.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+    if delta.citations is not None:
+        out.append({"citations": delta.citations})
+    return out
 
 
 async def chat_chunks(job: Job, plan: Plan, tokenizer: Tokenizer, model: str) -> AsyncIterator[str]:
@@ -266,6 +323,7 @@ async def chat_chunks(job: Job, plan: Plan, tokenizer: Tokenizer, model: str) ->
     rid, created = new_id("chatcmpl"), int(time.time())
     token_text = _TokenText(tokenizer)
     exclude = None if plan.include_usage else {"usage"}
+    outputs = _outputs(plan)
 
     def chunk(choice: ChatChunkChoice) -> str:
         body = ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
@@ -284,13 +342,32 @@ async def chat_chunks(job: Job, plan: Plan, tokenizer: Tokenizer, model: str) ->
                 )
                 yield sse(final)
             break
-        if not update.text and not update.logprobs and update.finish_reason is None:
-            continue
-        delta = {"content": update.text} if update.text else {}
-        logprobs = _chat_logprobs(token_text, update.logprobs) if plan.logprobs is not None else None
-        yield chunk(
-            ChatChunkChoice(
-                index=update.index, delta=delta, logprobs=logprobs, finish_reason=update.finish_reason
+        output = outputs[update.index]
+        delta = output.push(update.text)
+        if update.finish_reason is not None:
+            rest = output.finish()
+            delta = Delta(
+                delta.content + rest.content,
+                delta.reasoning + rest.reasoning,
+                delta.tool_calls + rest.tool_calls,
+                rest.citations,
             )
-        )
+        deltas = _deltas(delta)
+        logprobs = None
+        if plan.logprobs is not None and update.logprobs:
+            logprobs = _chat_logprobs(token_text, update.logprobs)
+        finish = _chat_finish(update.finish_reason, output)
+        if not deltas:
+            if logprobs is None and finish is None:
+                continue
+            deltas = [{}]
+        for k, piece in enumerate(deltas):
+            yield chunk(
+                ChatChunkChoice(
+                    index=update.index,
+                    delta=piece,
+                    logprobs=logprobs if k == 0 else None,
+                    finish_reason=finish if k == len(deltas) - 1 else None,
+                )
+            )
     yield sse("[DONE]")

@@ -4,7 +4,9 @@ The order is `pyjamba.generate`'s (transformers'): repetition penalty, then temp
 min-p and a multinomial draw, with generate's own warper functions, so a request with a seed draws
 the same tokens as `generate(..., do_sample=True, seed=seed)`. The OpenAI extras come first, as in
 vLLM: `logit_bias` added to the logits, then frequency and presence penalties on the tokens generated
-so far. Temperature 0 is greedy (after the penalties), as is one under `GREEDY_BELOW`.
+so far. Temperature 0 is greedy (after the penalties), as is one under `GREEDY_BELOW`. A structured
+output's mask (`allowed`, constrain.py) comes last before the pick: tokens outside it get -inf, so
+greedy, temperature, top-k/p, min-p and logit_bias all choose among the allowed tokens only.
 `SamplingParams` (pyjamba.sampling) has already checked every setting; logits that are not finite
 raise `NonFiniteLogits` (the engine then fails that request alone).
 """
@@ -69,9 +71,12 @@ class Sampler:
         if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:  # generated tokens only
             self.counts = torch.zeros(1, vocab_size)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """The next token from one row of float32 logits (1, V)."""
+    def __call__(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """The next token from one row of float32 logits (1, V); `allowed` (1, V) bool: the only
+        tokens it may be (a structured output's mask)."""
         check_logits(logits)
+        if allowed is not None and not bool(allowed.any()):
+            raise ValueError("the output format allows no token here")
         p = self.params
         scores = logits
         if self.bias is not None:
@@ -83,6 +88,8 @@ class Sampler:
             scores = (
                 scores - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(scores.dtype)
             )
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
         if not self.sample:
             return int(scores.argmax(dim=-1))
         scores = warp(scores, p.temperature, p.top_k, p.top_p, p.min_p)

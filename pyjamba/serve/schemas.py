@@ -3,7 +3,9 @@
 Requests are strict (a number where a string belongs, `true` for an integer, `"0.5"` for a float are
 errors, not coerced) and ignore fields they do not know, as OpenAI clients send extras (`user`,
 `metadata`, ...). Ranges and cross-field rules live in requests.py, which words their errors.
-Besides OpenAI's fields, requests take vLLM's sampling extras `top_k`, `min_p`, `repetition_penalty`.
+Besides OpenAI's fields, requests take vLLM's sampling extras `top_k`, `min_p`, `repetition_penalty`,
+and its structured-output extras `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
+Chat requests also take vLLM's `documents` and `chat_template_kwargs`, and tool calls (tools.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ __all__ = [
     "Usage",
 ]
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class _Request(BaseModel):
@@ -49,9 +51,16 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
+    """A message of the history. An assistant's may carry the `tool_calls` it made (its content then
+    may be null); a tool's answers the call `tool_call_id` names; `reasoning_content` is an
+    assistant's thinking, for templates that render it back."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # checked in tools.history_tool_calls
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str | None:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
@@ -79,6 +88,12 @@ class _Sampling(_Request):
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     user: str | None = None
+    # Structured output (constrain.py): OpenAI's response_format, or one of vLLM's guided_* extras.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -98,9 +113,12 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # checked in tools.check_tools, for clearer errors than pydantic's
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # with a forced tool call: whether the grammar admits several
+    # vLLM's extras: documents for grounded answers, and more variables for the chat template.
+    documents: list[Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -153,9 +171,25 @@ class ChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
+    """The answer; `reasoning_content` (vLLM's), `tool_calls` and `citations` appear only when present."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+    citations: list[int | str] | None = None  # Jamba 1.5's <citations>: the ids of the documents cited
 
 
 class ChatChoice(BaseModel):
@@ -176,7 +210,9 @@ class ChatCompletion(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": ...}, {} last
+    # {"role": "assistant", "content": ""} first, then {"content": ...} / {"reasoning_content": ...} /
+    # {"tool_calls": [...]}, {} or {"citations": [...]} last
+    delta: dict[str, Any]
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 

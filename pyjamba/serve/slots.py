@@ -12,16 +12,45 @@ A forward call runs on some slots through a `SlotBatch`, an `InferenceCache` (py
 change. Slots of different lengths decode together: the keys of each row are gathered up to the
 longest row, the new keys go last, and `attention_mask()` hides each row's gap between its own length
 and the longest one (padding in the middle, which the model's mask accepts).
+
+A slot's state can also be copied out and back in: `save` copies the keys/values of some positions and
+the Mamba states (a `SlotState`, what the prefix cache keeps), `restore` writes such copies into a
+slot, and `copy` duplicates one slot into another (the `n` choices of a request share one prefill).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..cache import mamba_states
 from ..config import JambaConfig
 
-__all__ = ["SlotBatch", "SlotPool"]
+__all__ = ["SlotBatch", "SlotPool", "SlotState"]
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """A copy of part of one slot: the keys and values of positions [start, end) per attention layer,
+    (Hkv, end - start, Dh), and the Mamba states after position end - 1: conv (ED, W-1), SSM (ED, N).
+
+    A hybrid's Mamba state has one size whatever `end` is, while the keys and values grow with the
+    positions they cover: a copy of a long prefix is mostly keys and values unless it holds only a
+    slice of them (`start` > 0) and relies on copies of the earlier positions.
+    """
+
+    start: int
+    end: int
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    conv_states: dict[int, torch.Tensor]
+    ssm_states: dict[int, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        stores = (self.keys, self.values, self.conv_states, self.ssm_states)
+        return sum(t.numel() * t.element_size() for store in stores for t in store.values())
 
 
 class SlotPool:
@@ -100,6 +129,53 @@ class SlotPool:
                 new[:, :, : self.capacity] = old
                 store[layer] = new
         self.capacity = capacity
+
+    def save(self, slot: int, start: int = 0) -> SlotState:
+        """A copy of the slot's keys/values from position `start` to its length, and its Mamba states."""
+        end = self.lengths[slot]
+        if not 0 <= start <= end <= self.capacity:
+            raise ValueError(f"cannot save positions {start}..{end} of slot {slot}")
+        return SlotState(
+            start=start,
+            end=end,
+            keys={i: t[slot, :, start:end].clone() for i, t in self.keys.items()},
+            values={i: t[slot, :, start:end].clone() for i, t in self.values.items()},
+            conv_states={i: t[slot].clone() for i, t in self.conv_states.items()},
+            ssm_states={i: t[slot].clone() for i, t in self.ssm_states.items()},
+        )
+
+    def restore(self, slot: int, parts: list[SlotState]) -> None:
+        """Make the slot what it was when the last of `parts` was saved: `parts` cover positions 0 to
+        the last one's end without a gap (their keys/values are written in turn), and the Mamba states
+        are the last part's."""
+        if not parts:
+            raise ValueError("nothing to restore")
+        expected = 0
+        for part in parts:
+            if part.start != expected:
+                raise ValueError(f"the saved parts leave a gap at position {expected}")
+            expected = part.end
+        self.reserve(expected)
+        for part in parts:
+            for store, saved in ((self.keys, part.keys), (self.values, part.values)):
+                for i, t in saved.items():
+                    store[i][slot, :, part.start : part.end] = t
+        last = parts[-1]
+        for store, saved in ((self.conv_states, last.conv_states), (self.ssm_states, last.ssm_states)):
+            for i, t in saved.items():
+                store[i][slot] = t
+        self.lengths[slot] = expected
+
+    def copy(self, source: int, target: int) -> None:
+        """Make slot `target` a copy of slot `source` (keys/values up to its length, Mamba states)."""
+        length = self.lengths[source]
+        for store in (self.keys, self.values):
+            for t in store.values():
+                t[target, :, :length] = t[source, :, :length]
+        for store in (self.conv_states, self.ssm_states):
+            for t in store.values():
+                t[target] = t[source]
+        self.lengths[target] = length
 
     def batch(self, slots: list[int]) -> SlotBatch:
         """A cache view for one forward call on these slots (in this row order)."""

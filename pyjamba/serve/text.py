@@ -30,8 +30,12 @@ class Piece:
 
 
 class ChoiceText:
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], eos: frozenset[int]) -> None:
-        self.decoder = StreamDecoder(tokenizer)
+    def __init__(
+        self, tokenizer: Tokenizer, stop: list[str], eos: frozenset[int], skip_special_tokens: bool = True
+    ) -> None:
+        # Special tokens are dropped from the text, but where the chat's parser looks for tags that
+        # are special tokens (Jamba 1.5's tool tags, as vLLM's Jamba parser keeps them).
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
         self.stop = stop
         self.eos = eos
         self.text = ""  # released so far
