@@ -347,6 +347,23 @@ _JAMBA_52B = dict(
     max_position_embeddings=262144,
 )
 
+# Jamba2 3B: dense (one expert), attention at layers 7 and 21 of 28.
+_JAMBA2_3B = dict(
+    _JAMBA_52B,
+    hidden_size=2560,
+    intermediate_size=8192,
+    num_hidden_layers=28,
+    num_attention_heads=20,
+    num_key_value_heads=1,
+    num_experts=1,
+    num_experts_per_tok=1,
+    expert_layer_period=1,
+    expert_layer_offset=0,
+    attn_layer_period=14,
+    attn_layer_offset=7,
+    mamba_dt_rank="auto",
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "jamba-v0.1": dict(_JAMBA_52B),
     # Jamba 1.5 ends a turn at <|endoftext|> (2) or <|eom|> (518); Jamba2's ChatML at <|im_end|> (519).
@@ -362,41 +379,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         mamba_dt_rank=512,
         eos_token_id=[2, 518],
     ),
-    # Dense (one expert), attention at layers 7 and 21 of 28.
-    "jamba2-3b": dict(
-        _JAMBA_52B,
-        hidden_size=2560,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=20,
-        num_key_value_heads=1,
-        num_experts=1,
-        num_experts_per_tok=1,
-        expert_layer_period=1,
-        expert_layer_offset=0,
-        attn_layer_period=14,
-        attn_layer_offset=7,
-        mamba_dt_rank="auto",
-        eos_token_id=519,
-    ),
+    "jamba2-3b": dict(_JAMBA2_3B, eos_token_id=519),
     # Jamba Reasoning 3B: the Jamba2 3B geometry with the head tied to the embeddings, dt rank 160
     # written out; it ends at <|endoftext|> or <|im_end|>.
     "jamba-reasoning-3b": dict(
-        _JAMBA_52B,
-        hidden_size=2560,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=20,
-        num_key_value_heads=1,
-        num_experts=1,
-        num_experts_per_tok=1,
-        expert_layer_period=1,
-        expert_layer_offset=0,
-        attn_layer_period=14,
-        attn_layer_offset=7,
-        mamba_dt_rank=160,
-        tie_word_embeddings=True,
-        eos_token_id=[2, 519],
+        _JAMBA2_3B, mamba_dt_rank=160, tie_word_embeddings=True, eos_token_id=[2, 519]
     ),
     # ~77M: the small hybrid of the CPU benchmarks (one attention layer in 8, 4 experts every other layer).
     "jamba-small": dict(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DTYPE_CHOICES",
     "auto_dtype",
+    "available_memory",
     "cpu_has_native_bf16",
     "dtype_name",
     "parse_dtype",
@@ -152,7 +153,7 @@ def _auto(
     if faster:
         return torch.bfloat16, why
     if available_bytes is None:
-        available_bytes = _available_memory()
+        available_bytes = available_memory()
     if available_bytes is not None:
         from .accounting import total_params
 
@@ -182,7 +183,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """MemAvailable of /proc/meminfo in bytes, or None where there is no such file."""
     try:
         with open("/proc/meminfo") as f:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dtypes import available_memory
 from ..model import JambaForCausalLM
 from .slots import SlotState
 
@@ -57,19 +58,13 @@ _DEFAULT_CAP = 2 * 2**30
 def default_capacity(device: torch.device | str) -> int:
     """Bytes for the cache on `device`: 1/8 of its memory available now, at most 2 GiB."""
     device = torch.device(device)
-    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_memory()
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _host_memory()
     return min(available // _DEFAULT_SHARE, _DEFAULT_CAP)
 
 
-def _available_host_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def _host_memory() -> int:
+    """Memory available now (MemAvailable), or free pages where there is no /proc/meminfo."""
+    return available_memory() or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def model_namespace(model: JambaForCausalLM) -> bytes:
