@@ -357,6 +357,13 @@ class Tokenizer:
         """The default template (None if the folder has none)."""
         return self.chat_templates.get("default")
 
+    def chat_template_for(self, tools: Any = None) -> str | None:
+        """The template `apply_chat_template` renders with these tools: the folder's `tool_use` one
+        when there are tools and it has one, else the default (None if there is none)."""
+        if tools and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        return self.chat_template
+
     def _pick_template(self, chat_template: str | None, tools: Any) -> tuple[str, str]:
         """(name, source) of the template to render, chosen as transformers' `get_chat_template`."""
         if chat_template is not None:

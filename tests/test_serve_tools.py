@@ -337,6 +337,17 @@ def test_tools_need_a_template_that_renders_them(client, served):
     assert plain.choices[0].message.tool_calls is None
 
 
+def test_a_tool_use_template_beside_the_default_one_serves_tools(client, tokenizer, monkeypatch):
+    # Folders may name a second template `tool_use` (transformers renders it when tools are given):
+    # its format is the one parsed, though the default template knows nothing of tools.
+    monkeypatch.setitem(tokenizer.chat_templates, "tool_use", TEMPLATES["jamba2"])
+    answer = client.chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER], **script(tokenizer, J2_CALL)
+    )
+    assert [c.function.name for c in answer.choices[0].message.tool_calls] == ["get_weather"]
+    assert answer.choices[0].finish_reason == "tool_calls"
+
+
 # ---- the plan: what reaches the engine and the parser ------------------------------------------
 
 

@@ -403,7 +403,7 @@ def chat_plan(
     messages = _chat_messages(req)
     if tokenizer.chat_template is None:
         raise _bad("this model has no chat template: use /v1/completions", "messages", "no_chat_template")
-    template = tokenizer.chat_template
+    template = tokenizer.chat_template_for(tools if tool_choice != "none" else None)
     form = tool_format(template) if tool_choice != "none" else None
     if tool_choice != "none" and (form is None or "tools" not in template):
         raise _bad("this model's chat template does not render tools: it cannot call them", "tools")
