@@ -359,8 +359,8 @@ class Tokenizer:
 
     def chat_template_for(self, tools: Any = None) -> str | None:
         """The template `apply_chat_template` renders with these tools: the folder's `tool_use` one
-        when there are tools and it has one, else the default (None if there is none)."""
-        if tools and "tool_use" in self.chat_templates:
+        when tools are given and it has one, else the default (None if there is none)."""
+        if tools is not None and "tool_use" in self.chat_templates:  # as _pick_template chooses
             return self.chat_templates["tool_use"]
         return self.chat_template
 

@@ -263,7 +263,7 @@ class _Broken:
     def __init__(self, inner) -> None:
         self.inner = inner
 
-    def __call__(self, logits):
+    def __call__(self, logits, allowed=None):
         raise ValueError("a logits processor broke")
 
     def observe(self, token: int) -> None:

@@ -42,7 +42,7 @@ import llguidance.torch
 import torch
 
 from ..tokenizer import Tokenizer
-from .tools import ToolFormat
+from .tools import ToolError, ToolFormat, check_tool_choice, check_tools
 
 __all__ = [
     "Compiler",
@@ -189,19 +189,6 @@ def spec_from_guided(
     return Spec("lark", guided_grammar, True, "guided_grammar")
 
 
-def _tool_function(tool: Any, i: int) -> tuple[str, Any, bool]:
-    """(name, parameters schema, strict) of one entry of `tools`."""
-    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-        raise ConstraintError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", "tools")
-    function = tool.get("function")
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-        raise ConstraintError(f"tools[{i}].function needs a 'name' (a non-empty string)", "tools")
-    parameters = function.get("parameters", {"type": "object"})
-    if not isinstance(parameters, dict):
-        raise ConstraintError(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
-    return function["name"], parameters, function.get("strict") is True
-
-
 def tool_call_spec(
     tools: list[Any], choice: Any, form: ToolFormat, special: frozenset[str], *, parallel: bool = True
 ) -> Spec | None:
@@ -212,24 +199,27 @@ def tool_call_spec(
     that are special tokens of the tokenizer (the model writes them as one token, as it was trained to)."""
     if choice in (None, "none", "auto"):
         return None
-    described = [_tool_function(tool, i) for i, tool in enumerate(tools or [])]
+    try:  # the request's own checks (tools.py), worded for the field they concern
+        tools = check_tools(tools or [])
+        if not tools:
+            raise ConstraintError("tool_choice forces a tool call, but no tools are given", "tool_choice")
+        choice = check_tool_choice(choice, tools)
+    except ToolError as exc:
+        raise ConstraintError(str(exc), exc.param) from None
+    described = []  # (name, parameters schema, strict) of each tool
+    for tool in tools:
+        function = tool["function"]
+        parameters = function.get("parameters")
+        described.append(
+            (
+                function["name"],
+                parameters if parameters is not None else {"type": "object"},
+                function.get("strict") is True,
+            )
+        )
     functions = {name: parameters for name, parameters, _ in described}
-    if not functions:
-        raise ConstraintError("tool_choice forces a tool call, but no tools are given", "tool_choice")
     if choice != "required":
-        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-        if not isinstance(name, str):
-            raise ConstraintError(
-                "tool_choice must be 'none', 'auto', 'required' or "
-                f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}",
-                "tool_choice",
-            )
-        if name not in functions:
-            raise ConstraintError(
-                f"tool_choice names the function {name!r}, which is not among the tools "
-                f"({', '.join(functions)})",
-                "tool_choice",
-            )
+        name = choice["function"]["name"]
         functions = {name: functions[name]}
     # As response_format: keywords the library does not implement are refused only under `strict`.
     strict = all(is_strict for name, _, is_strict in described if name in functions)

@@ -595,7 +595,7 @@ class Engine:
         try:
             if seq.constraint is not None and allowed is None:
                 allowed = allowed_tokens([(seq.constraint, seq.stop_tokens)], self.vocab_size)
-            token = seq.sampler(logits) if allowed is None else seq.sampler(logits, allowed)
+            token = seq.sampler(logits, allowed)
             seq.sampler.observe(token)
             complete = False  # the structured output admits nothing more: the sequence ends
             if seq.constraint is not None and token not in seq.stop_tokens:
