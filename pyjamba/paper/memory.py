@@ -32,7 +32,7 @@ from pyjamba import accounting as acc
 from pyjamba.config import JambaConfig
 from pyjamba.info import fmt_bytes, parse_size
 
-from . import output
+from . import output, rss
 from .families import throughput_family
 
 __all__ = ["RealModel", "main", "measure_prefill", "measured_rows", "real_models", "real_rows", "real_table"]
@@ -144,14 +144,6 @@ def real_table(rows: list[dict[str, Any]]) -> str:
 
 
 # ---- measured in miniature ------------------------------------------------------------------------------
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure_prefill(config: dict[str, Any], length: int, chunk: int, threads: int) -> dict[str, Any]:
     """In this process: build the model, then prefill `length` random tokens `chunk` at a time into a
     cache sized for them. Resident bytes: of the built model, held after the prefill, peak during it."""
@@ -166,21 +158,14 @@ def measure_prefill(config: dict[str, Any], length: int, chunk: int, threads: in
     ids = torch.randint(0, c.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # a small prefill first: the allocator's and kernels' one-time memory
         model(ids[:, :16], cache=model.make_cache(1, 16), logits_to_keep=1)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS: the peak from here on is this prefill's
-    before = _status_bytes("VmRSS")
-    start = time.perf_counter()
-    cache = model.make_cache(1, length)
-    with torch.no_grad():
-        for s in range(0, length, chunk):
-            model(ids[:, s : s + chunk], cache=cache, logits_to_keep=1)
-    seconds = time.perf_counter() - start
-    return {
-        "rss_model": before,
-        "held": _status_bytes("VmRSS") - before,
-        "peak": _status_bytes("VmHWM") - before,
-        "seconds": round(seconds, 2),
-    }
+    with rss.Peak() as peak:  # this prefill's peak, and what its cache holds after it
+        start = time.perf_counter()
+        cache = model.make_cache(1, length)
+        with torch.no_grad():
+            for s in range(0, length, chunk):
+                model(ids[:, s : s + chunk], cache=cache, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+    return {"rss_model": peak.before, "held": peak.held, "peak": peak.bytes, "seconds": round(seconds, 2)}
 
 
 def _child(config: JambaConfig, length: int, chunk: int, threads: int) -> dict[str, Any]:

@@ -6,12 +6,16 @@ installs it, `pip install 'pyjamba[paper]'`, rather than as an ImportError deep 
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import platform
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..folders import fsync, write_file
 
 __all__ = ["JsonLines", "cpu_flags", "markdown_table", "out_folder", "pyplot", "save_figure"]
 
@@ -42,18 +46,26 @@ def out_folder(path: str | Path) -> Path:
 
 
 class JsonLines:
-    """An append-only JSON-lines file, flushed after every row so a killed run keeps what it measured."""
+    """A JSON-lines file written row by row into a hidden sibling, flushed after every row, and renamed
+    over `path` when closed (also after an error or Ctrl-C: a run cut short keeps what it measured);
+    a process killed outright leaves the previous `path` as it was."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = path.open("w", encoding="utf-8")
+        self._partial = path.with_name(f".{path.name}.partial")
+        self._file = self._partial.open("w", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row, sort_keys=True) + "\n")
         self._file.flush()
 
     def close(self) -> None:
+        if self._file.closed:
+            return
+        os.fsync(self._file.fileno())
         self._file.close()
+        os.replace(self._partial, self.path)
+        fsync(self.path.parent)
 
     def __enter__(self) -> JsonLines:
         return self
@@ -72,8 +84,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def save_figure(fig: Any, path: Path) -> Path:
     """Write a small PNG (docs-sized: 100 dpi) and close the figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     pyplot().close(fig)
+    write_file(path, png.getvalue())  # whole or not at all: the previous plot stays until then
     return path
 
 

@@ -31,33 +31,12 @@ from pyjamba import accounting as acc
 from pyjamba.config import JambaConfig
 from pyjamba.info import fmt_bytes
 
-from . import output
+from . import output, rss
 from .families import throughput_family
 
 __all__ = ["crossover", "main", "measure", "ratios"]
 
 PAPER_RATIO = 3.0  # Jamba against Mixtral 8x7B at long context (8K at batch 16; 128K at batch 1)
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-class _Peak:
-    """The peak resident bytes during a block above the resident bytes before it (VmHWM reset first)."""
-
-    def __enter__(self) -> _Peak:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        self.before = _status_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bytes = max(0, _status_bytes("VmHWM") - self.before)
 
 
 def _unpooled_malloc() -> None:
@@ -104,7 +83,7 @@ def measure(
     ids = torch.randint(0, vocab, (1, length), generator=g)
     times, peaks = [], []
     for _ in range(repeats):
-        with _Peak() as peak:
+        with rss.Peak() as peak:
             cache = model.make_cache(1, length)
             start = time.perf_counter()
             prefill(model, ids, None, cache)
@@ -116,7 +95,7 @@ def measure(
     for batch in batches:
         tokens = torch.randint(0, vocab, (batch,), generator=g)
         times = []
-        with _Peak() as peak:
+        with rss.Peak() as peak:
             cache = _random_cache(model, batch, length, repeats * steps + 1, g)
             decode_step(model, tokens, None, cache)  # warm-up: the first step at this shape
             for _ in range(repeats):
