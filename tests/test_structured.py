@@ -637,3 +637,32 @@ def test_any_format_compiles_or_is_a_constraint_error(shipped_compiler, kind, sc
 @pytest.fixture(scope="module")
 def shipped_compiler(shipped_tokenizer):
     return Compiler(shipped_tokenizer, shipped_tokenizer.vocab_size)
+
+
+def test_a_tokenizer_the_grammar_library_cannot_read_costs_formats_only(monkeypatch):
+    from pyjamba.serve import constrain
+    from pyjamba.serve.errors import APIError
+    from pyjamba.serve.requests import Limits, chat_plan
+    from pyjamba.serve.schemas import ChatCompletionRequest
+
+    tokenizer = Tokenizer.from_pretrained(SHIPPED_MODEL)  # a fresh one: no compiler built for it yet
+    tries = []
+
+    def unreadable(*args, **kwargs):
+        tries.append(1)
+        raise ValueError("unsupported pre-tokenizer")
+
+    monkeypatch.setattr(constrain.llguidance, "LLTokenizer", unreadable)
+    limits = Limits(max_context=512, vocab_size=tokenizer.vocab_size)
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for _ in range(2):  # refused at once the second time: the failure is kept, not retried
+        with pytest.raises(APIError) as caught:
+            chat_plan(
+                ChatCompletionRequest.model_validate({**ask, "response_format": {"type": "json_object"}}),
+                tokenizer,
+                limits,
+                {},
+            )
+        assert caught.value.status == 400 and "not available" in str(caught.value)
+    assert len(tries) == 1
+    assert chat_plan(ChatCompletionRequest.model_validate(ask), tokenizer, limits, {}).constraint is None

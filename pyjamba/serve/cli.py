@@ -25,7 +25,7 @@ from ..config import ConfigError
 from ..runtime import ModelNotFoundError
 from ..tokenizer import TokenizerError
 from .app import Backend, ServerState, Settings, create_app
-from .constrain import compiler_for
+from .constrain import ConstraintError, compiler_for
 from .engine import Engine
 
 __all__ = ["main"]
@@ -115,8 +115,12 @@ def _backend(folder: Path, args: argparse.Namespace) -> Backend:
         cache = engine.prefix_cache
         logger.info("prefix cache: blocks of %d tokens, up to %.0f MiB", cache.block, cache.capacity / 2**20)
     # The grammar library's view of the vocabulary (seconds for a 65K one): built while /health still
-    # says "loading", not in the first structured-output request.
-    compiler_for(loaded.tokenizer, engine.vocab_size)
+    # says "loading", not in the first structured-output request. A tokenizer it cannot read costs
+    # structured output only (those requests get a 400 saying why), never the server.
+    try:
+        compiler_for(loaded.tokenizer, engine.vocab_size)
+    except ConstraintError as exc:
+        logger.warning("%s", exc)
     # A request's sampling settings default to those generation_config.json sets.
     defaults = {k: v for k, v in loaded.defaults.items() if k in _SAMPLING_DEFAULTS}
     name = args.served_model_name or folder.name

@@ -377,7 +377,9 @@ class Compiler:
         return matcher
 
 
-_compilers: weakref.WeakKeyDictionary[Tokenizer, dict[int, Compiler]] = weakref.WeakKeyDictionary()
+_compilers: weakref.WeakKeyDictionary[Tokenizer, dict[int, Compiler | ConstraintError]] = (
+    weakref.WeakKeyDictionary()
+)
 _compilers_lock = threading.Lock()
 
 
@@ -387,8 +389,18 @@ def compiler_for(tokenizer: Tokenizer, vocab_size: int) -> Compiler:
     with _compilers_lock:
         by_size = _compilers.setdefault(tokenizer, {})
         if vocab_size not in by_size:
-            by_size[vocab_size] = Compiler(tokenizer, vocab_size)
-        return by_size[vocab_size]
+            try:
+                by_size[vocab_size] = Compiler(tokenizer, vocab_size)
+            except Exception as exc:  # a tokenizer the grammar library cannot read: no formats, 400s
+                by_size[vocab_size] = ConstraintError(
+                    f"structured output is not available for this model's tokenizer "
+                    f"({type(exc).__name__}: {exc})",
+                    "response_format",
+                )  # kept: every later request is refused at once, not after another try
+        found = by_size[vocab_size]
+        if isinstance(found, ConstraintError):
+            raise found
+        return found
 
 
 # ---- masks ----------------------------------------------------------------------------------

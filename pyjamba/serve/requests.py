@@ -226,8 +226,8 @@ def _forced_tool_call(
     the model's tool format `form` (several calls when `parallel`); None otherwise."""
     if tool_choice in ("none", "auto") or form is None:
         return None
-    special = compiler_for(tokenizer, limits.vocab_size).special_tokens([form.open, form.close])
     try:
+        special = compiler_for(tokenizer, limits.vocab_size).special_tokens([form.open, form.close])
         return tool_call_spec(tools or [], tool_choice, form, special, parallel=parallel)
     except ConstraintError as exc:
         raise _bad(str(exc), exc.param) from exc
